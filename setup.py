@@ -1,0 +1,49 @@
+"""Installs the `training`, `inference` and `utils` folders as `chatrlhf.training`, `chatrlhf.inference`
+and `chatrlhf.utils`. `chatrlhf` itself is an implicit namespace package: nothing else lands in site-packages."""
+from setuptools import find_packages, setup
+
+NAMESPACE = "chatrlhf"
+FOLDERS = ("training", "inference", "utils")
+
+package_dir, packages = {}, []
+for folder in FOLDERS:
+    package_dir[f"{NAMESPACE}.{folder}"] = folder
+    packages += [f"{NAMESPACE}.{folder}"] + [f"{NAMESPACE}.{folder}.{p}" for p in find_packages(where=folder)]
+
+setup(
+    name="chatrlhf",
+    version="0.1.0",
+    description="Three-stage RLHF (SFT, reward model, PPO with a critic) on DeepSpeed, for any Hugging Face causal LM",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    install_requires=[
+        # Minimums are the versions the test suite runs against.
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.51",
+        "datasets>=3.0",
+        "peft>=0.14",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "tensorboard>=2.15",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        # Converting the default GGUF model to Hugging Face format.
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],
+        "report": ["matplotlib>=3.8"],
+    },
+    entry_points={
+        "console_scripts": [
+            "chatrlhf-sft=chatrlhf.training.step1_sft.main:main",
+            "chatrlhf-reward=chatrlhf.training.step2_reward.main:main",
+            "chatrlhf-ppo=chatrlhf.training.step3_ppo.main:main",
+        ]
+    },
+)

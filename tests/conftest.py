@@ -1,0 +1,138 @@
+"""Shared fixtures: a tokenizer trained in-process and tiny random models of each supported family.
+
+Nothing here touches the network. `tiny_model_dir(family)` saves a model + tokenizer folder that every
+entry point can load by path, exactly as a user's hub model would be loaded.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+HH_RLHF = SHARED_DATA / "hh-rlhf" / "harmless-base.jsonl.gz"
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+FAMILIES = ("llama", "opt", "gpt2", "qwen2", "gpt_neox", "bloom")
+
+
+def _corpus() -> list[str]:
+    lines = []
+    if HH_RLHF.exists():
+        with gzip.open(HH_RLHF, "rt") as f:
+            for i, line in enumerate(f):
+                if i >= 400:
+                    break
+                lines.append(json.loads(line)["chosen"])
+    lines += ["Human: hello there Assistant: hi! how can I help?", "The quick brown fox jumps over the lazy dog."] * 5
+    return lines
+
+
+def build_tokenizer(chat_template: bool = True, pad: bool = False, vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on a little real text.
+
+    chat_template=True gives a ChatML template with eos `<|im_end|>` (like SmolLM2); False gives a plain
+    tokenizer with eos `</s>`, no template (like OPT/GPT-2). `pad=False` leaves no pad token, so the
+    loader's pad policy is exercised.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    eos = "<|im_end|>" if chat_template else "</s>"
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token="<|endoftext|>",
+                                 unk_token="<|endoftext|>", pad_token="<pad>" if pad else None)
+    if chat_template:
+        hf.chat_template = CHATML
+    return hf
+
+
+def tiny_config(family: str, vocab_size: int, **overrides):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, **overrides)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=512, **common)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=32, max_position_embeddings=512, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=512, **common)
+    if family == "bloom":
+        return tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common)
+    raise ValueError(family)
+
+
+def save_tiny_model(path: Path, family: str = "llama", chat_template: bool = True, seed: int = 0,
+                    head: str = "causal_lm") -> Path:
+    """Writes a tiny random `family` model plus tokenizer to `path` and returns it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tok = build_tokenizer(chat_template=chat_template)
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if head == "causal_lm":
+        model = AutoModelForCausalLM.from_config(cfg)
+    else:
+        cfg.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer(chat_template=True)
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer():
+    return build_tokenizer(chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(family="llama", chat_template=True)` -> a saved tiny model folder (cached per session)."""
+    cache: dict = {}
+
+    def make(family: str = "llama", chat_template: bool = True, head: str = "causal_lm") -> Path:
+        key = (family, chat_template, head)
+        if key not in cache:
+            cache[key] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family, chat_template, head=head)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hh_rlhf_path() -> Path:
+    if not HH_RLHF.exists():
+        pytest.skip(f"real data not found at {HH_RLHF}")
+    return HH_RLHF
