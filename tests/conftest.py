@@ -136,3 +136,35 @@ def hh_rlhf_path() -> Path:
     if not HH_RLHF.exists():
         pytest.skip(f"real data not found at {HH_RLHF}")
     return HH_RLHF
+
+
+@pytest.fixture(scope="session")
+def deepspeed_launch():
+    """`deepspeed_launch(target, args, num_ranks=2, timeout=600)`: runs the `deepspeed` launcher on this machine;
+    `target` is a module (`--module`) or, when it ends in .py, a script path.
+
+    Returns the CompletedProcess; raises with the tail of the output when the run fails.
+    """
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+
+    def launch(target: str, args: list[str], num_ranks: int = 2, timeout: int = 600, cwd: str | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, launcher, "--num_gpus", str(num_ranks), "--master_port", str(port),
+               *([target] if target.endswith(".py") else ["--module", target]), *map(str, args)]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr)[-6000:]
+            raise AssertionError(f"deepspeed launch failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+        return proc
+
+    return launch

@@ -1,0 +1,78 @@
+"""DeepSpeed-Chat's `--data_split` semantics: each source is cut into three disjoint, seeded chunks,
+one per phase, so SFT, the reward model and PPO see different prompts (as in InstructGPT).
+
+For each source and each of its splits (train, eval): shuffle range(n) with np.random.RandomState(seed),
+cut the permutation at round(n * cumulative proportion); phase k takes chunk k-1. SFT-only sources give
+everything to phase 1. Several sources blend by concatenating their phase chunks and shuffling with the seed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from chatrlhf.training.data.formats import DataFormatError
+from chatrlhf.training.data.sources import Source
+
+PHASES = (1, 2, 3)
+
+
+def parse_split(data_split: str) -> list[float]:
+    """"2,4,4" -> [0.2, 0.4, 0.4]."""
+    try:
+        parts = [float(x) for x in str(data_split).split(",")]
+    except ValueError:
+        raise ValueError(f"--data_split {data_split!r}: expected three comma-separated numbers such as 2,4,4") from None
+    if len(parts) != 3 or any(not np.isfinite(x) or x < 0 for x in parts) or sum(parts) <= 0:
+        raise ValueError(f"--data_split {data_split!r}: expected three non-negative numbers with a positive sum, "
+                         "one per phase (SFT, reward model, PPO), such as 2,4,4 or 10,0,0")
+    total = sum(parts)
+    return [x / total for x in parts]
+
+
+def shuffle_index(n: int, seed: int) -> np.ndarray:
+    """DeepSpeed-Chat's get_shuffle_idx: arange(n) shuffled in place by RandomState(seed)."""
+    idx = np.arange(n, dtype=np.uint32 if n < 2**32 - 1 else np.int64)
+    np.random.RandomState(seed).shuffle(idx)
+    return idx
+
+
+def chunk_indices(n: int, proportions: list[float], seed: int) -> list[np.ndarray]:
+    """Disjoint index chunks covering range(n) exactly once, sized by cumulative rounding."""
+    bounds = [0] + [int(round(n * c)) for c in np.cumsum(proportions)]
+    bounds[-1] = n  # float cumsum may land at 0.999...
+    idx = shuffle_index(n, seed)
+    return [idx[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def phase_indices(n: int, phase: int, data_split: str, seed: int) -> np.ndarray:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase}")
+    return chunk_indices(n, parse_split(data_split), seed)[phase - 1]
+
+
+def _require_pairs(ds, name: str, split: str) -> None:
+    missing = sum(r is None for r in ds["rejected"]) if len(ds) else 0
+    if missing:
+        raise DataFormatError(f"{name}: {missing} of its {len(ds)} phase-2 {split} records have no 'rejected' "
+                              "response; the reward model needs pairs (pass this source as SFT-only data instead)")
+
+
+def phase_subset(source: Source, phase: int, data_split: str, seed: int, sft_only: bool = False):
+    """(train, eval) Datasets of `source` for `phase`."""
+    out = []
+    for split, ds in (("train", source.train), ("eval", source.eval)):
+        if sft_only:
+            sub = ds if phase == 1 else ds.select([])
+        else:
+            sub = ds.select(phase_indices(len(ds), phase, data_split, seed))
+        if phase == 2:
+            _require_pairs(sub, source.name, split)
+        out.append(sub)
+    return tuple(out)
+
+
+def blend(parts: list, seed: int):
+    """Concatenates per-source Datasets and shuffles the result with RandomState(seed)."""
+    from datasets import concatenate_datasets
+
+    ds = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return ds.select(shuffle_index(len(ds), seed)) if len(parts) > 1 else ds

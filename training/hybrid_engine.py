@@ -1,0 +1,200 @@
+"""The hybrid engine: one model's DeepSpeed engine with an explicit training mode and generation mode.
+
+Steps 1 and 2 use it in training mode only (forward, backward, step, save); step 3's actor also enters
+generation mode through the `generation()` context manager, the only place generation happens.
+Invariants (checked at run time): `backward`/`step` are refused inside generation mode and on frozen
+models; leaving generation mode restores the training state, also after an exception.
+
+Runs on CUDA and on DeepSpeed's CPU accelerator alike; `deepspeed` is imported lazily.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from chatrlhf.training.ds_config import build_ds_config, read_user_config, resolve_dtype
+from chatrlhf.utils import distributed as dist
+from chatrlhf.utils.models import merge_lora_state_dict
+
+logger = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_dtype(dtype: str) -> str:
+    """Resolves --dtype auto against this accelerator."""
+    return resolve_dtype(dtype, dist.accelerator().is_bf16_supported())
+
+
+def param_groups(model: torch.nn.Module, lr: float, lora_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: LoRA weights at their own lr; no decay for biases and norms (1-d tensors)."""
+    groups = {"decay": [], "no_decay": [], "lora": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        groups["lora" if "lora_" in name else "decay" if p.ndim >= 2 else "no_decay"].append(p)
+    spec = {"decay": (lr, weight_decay), "no_decay": (lr, 0.0), "lora": (lora_lr, 0.0)}
+    return [{"params": ps, "lr": spec[k][0], "weight_decay": spec[k][1]} for k, ps in groups.items() if ps]
+
+
+def _optimizer(groups, *, offload: bool, betas, eps):
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, betas=betas, eps=eps, adamw_mode=True)
+    if dist.accelerator().device_name() == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, betas=betas, eps=eps, adam_w_mode=True)
+    return torch.optim.AdamW(groups, betas=betas, eps=eps)
+
+
+class HybridEngine:
+    """Wraps a `deepspeed.DeepSpeedEngine`; build it with `build_engine`."""
+
+    def __init__(self, engine, *, zero_stage: int, trainable: bool, lora_scaling: float | None = None):
+        self.engine = engine
+        self.zero_stage = zero_stage
+        self.trainable = trainable
+        self.lora_scaling = lora_scaling  # set when the module is a peft LoRA model
+        self.mode = "train" if trainable else "eval"
+
+    # ---- training mode -------------------------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        """The unwrapped model (an HF model, or a peft model around one)."""
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._check_trainable("backward")
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Optimizer + scheduler step at an accumulation boundary (DeepSpeed counts micro-steps)."""
+        self._check_trainable("step")
+        self.engine.step()
+
+    def is_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def train(self) -> None:
+        if self.mode == "generate":
+            raise RuntimeError("train() inside generation mode; leave the generation() context first")
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def _check_trainable(self, what: str) -> None:
+        if self.mode == "generate":
+            raise RuntimeError(f"{what}() inside generation mode is not allowed: leave the generation() context first")
+        if not self.trainable:
+            raise RuntimeError(f"{what}() on a frozen model")
+
+    # ---- saving --------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (ZeRO-3 shards gathered), None elsewhere."""
+        if self.zero_stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            return sd if dist.is_main_process() else None
+        if not dist.is_main_process():
+            return None
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def save_pretrained(self, output_dir: str | Path, tokenizer=None, keep_lora_adapter: bool = False) -> None:
+        """Hugging Face format (safetensors + config + tokenizer); LoRA merged unless `keep_lora_adapter`."""
+        state = self.full_state_dict()  # collective under ZeRO-3: every rank must call it
+        if dist.is_main_process():
+            _write_hf(self.module, state, Path(output_dir), tokenizer, self.lora_scaling, keep_lora_adapter)
+        dist.barrier()
+
+    # ---- resumable checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str | Path, tag: str) -> None:
+        self.engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
+
+    def load_checkpoint(self, load_dir: str | Path, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=self.trainable,
+                                              load_lr_scheduler_states=self.trainable)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {load_dir}")
+
+    # ---- generation mode -----------------------------------------------------------------------------
+    @contextmanager
+    def generation(self):
+        """Eval mode, no grad, KV cache on; everything restored on exit (also after an exception)."""
+        was_training = self.module.training
+        saved_mode = self.mode
+        self.mode = "generate"
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            self.mode = saved_mode
+            self.engine.train(was_training)
+
+
+def _write_hf(module, state, out: Path, tokenizer, lora_scaling, keep_lora_adapter: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    is_peft = lora_scaling is not None
+    if is_peft and keep_lora_adapter:
+        from peft import get_peft_model_state_dict
+
+        module.save_pretrained(str(out), state_dict=get_peft_model_state_dict(module, state_dict=state))
+    else:
+        base = module.get_base_model() if is_peft else module
+        if is_peft:
+            conv1d = base.config.model_type == "gpt2"
+            state = merge_lora_state_dict(state, lora_scaling, conv1d=conv1d)
+        base.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_batch_size: int,
+                 gradient_accumulation_steps: int = 1, offload: bool = False, gradient_clipping: float = 1.0,
+                 learning_rate: float = 0.0, lora_learning_rate: float = 0.0, weight_decay: float = 0.0,
+                 betas=(0.9, 0.95), eps: float = 1e-8, lr_scheduler_type: str = "constant",
+                 num_warmup_steps: int = 0, total_steps: int = 1, trainable: bool = True,
+                 user_config_path: str | None = None) -> HybridEngine:
+    """The only place a DeepSpeed engine is made. `trainable=False` gives a frozen engine (reference, reward)."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    dist.init_distributed()
+    dtype = training_dtype(dtype)
+    ds_config = build_ds_config(zero_stage=zero_stage, dtype=dtype, micro_batch_size=micro_batch_size,
+                                gradient_accumulation_steps=gradient_accumulation_steps,
+                                world_size=dist.get_world_size(), offload=offload and trainable,
+                                gradient_clipping=gradient_clipping, inference_only=not trainable,
+                                user_config=read_user_config(user_config_path))
+    lora_scaling = None
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config:
+        cfg = next(iter(peft_config.values()))
+        lora_scaling = cfg.lora_alpha / cfg.r
+    if trainable:
+        optimizer = _optimizer(param_groups(model, learning_rate, lora_learning_rate, weight_decay),
+                               offload=offload, betas=betas, eps=eps)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: get_scheduler(lr_scheduler_type, opt, num_warmup_steps=num_warmup_steps,
+                                                   num_training_steps=max(total_steps, 1)))
+    else:
+        model.requires_grad_(False)
+        model.eval()
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    return HybridEngine(engine, zero_stage=zero_stage, trainable=trainable, lora_scaling=lora_scaling)

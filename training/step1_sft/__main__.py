@@ -1,0 +1,3 @@
+from chatrlhf.training.step1_sft.main import main
+
+main()

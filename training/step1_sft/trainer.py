@@ -1,0 +1,59 @@
+"""Step 1 loss and evaluation; the loop itself is `chatrlhf.training.loop.fit`, shared with step 2."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from chatrlhf.training.loop import eval_loader, fit
+from chatrlhf.utils import distributed as dist
+
+
+def token_losses(engine, batch: dict, fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the labelled tokens of `batch`, and their count."""
+    logits = engine(input_ids=batch["input_ids"].to(engine.device),
+                    attention_mask=batch["attention_mask"].to(engine.device), use_cache=False).logits
+    labels = batch["labels"].to(engine.device)[:, 1:]
+    logits = logits[:, :-1]
+    if fp32:
+        logits = logits.float()
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+    return loss_sum, (labels != -100).sum()
+
+
+def sft_loss(engine, batch: dict, fp32: bool = False) -> tuple[torch.Tensor, dict]:
+    """Token-mean cross-entropy over the whole global micro-batch.
+
+    Each rank divides its sum by the mean token count per rank (not its own count), so after DeepSpeed
+    averages gradients over ranks the result is the global token mean: two ranks train exactly like one.
+    """
+    loss_sum, n_tokens = token_losses(engine, batch, fp32)
+    mean_tokens = dist.all_reduce_mean(n_tokens.float()).clamp(min=1.0)
+    return loss_sum / mean_tokens, {"train/tokens": n_tokens.float()}
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, collate_fn, batch_size: int, max_batches: int, fp32: bool = False) -> dict:
+    """Perplexity and loss over (at most `max_batches` batches of) the eval split, across ranks."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    for i, batch in enumerate(eval_loader(dataset, batch_size, collate_fn)):
+        if i >= max_batches:
+            break
+        loss_sum, n = token_losses(engine, batch, fp32)
+        total += torch.stack([loss_sum.double(), n.double()])
+    engine.train()
+    total = dist.all_reduce_sum(total)
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def train(engine, data, collate_fn, cfg, logger) -> dict:
+    fp32 = cfg.engine.compute_fp32_loss
+    return fit(engine, data.train, collate_fn, cfg.train,
+               loss_fn=lambda e, b: sft_loss(e, b, fp32),
+               evaluate=lambda e: evaluate(e, data.eval, collate_fn, cfg.train.per_device_eval_batch_size,
+                                           cfg.train.eval_iters, fp32),
+               gradient_accumulation_steps=cfg.engine.gradient_accumulation_steps, logger=logger, desc="step 1 SFT")

@@ -1,0 +1,155 @@
+"""Loading any Hugging Face causal LM (by hub id or path), its tokenizer, dropout, LoRA and checkpointing.
+
+The pad rule: the pad token is never the EOS token. DeepSpeed-Chat set pad = eos, which masks the generated EOS
+out of the loss and makes "the last non-pad token" ambiguous for the reward model. We pick an existing special
+token that is not EOS, or add `<|pad|>` (and grow the embeddings) when there is none.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from chatrlhf.utils.smollm2 import resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|pad|>"
+# Output heads never get LoRA: they are tied to the embeddings or are the reward/value head itself.
+HEAD_NAMES = ("lm_head", "score", "embed_out", "v_head")
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right"):
+    """The model's own tokenizer with a pad token distinct from EOS (see the module docstring)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise OSError(f"cannot load a tokenizer from {name_or_path!r}: {e}") from e
+    if tok.eos_token is None:
+        raise ValueError(f"the tokenizer of {name_or_path!r} has no EOS token; chatrlhf needs one to end answers")
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        candidates = [t for t in (tok.unk_token, tok.bos_token) if t is not None and t != tok.eos_token]
+        # A bos used as pad is fine: masks come from attention_mask, and scores are read at the last real token.
+        tok.pad_token = candidates[0] if candidates else PAD_TOKEN
+        if not candidates:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = padding_side
+    return tok
+
+
+def configure_dropout(config, dropout: float | None) -> None:
+    """Sets every dropout probability of an HF config (names differ per family) to `dropout`."""
+    if dropout is None:
+        return
+    for key, value in config.to_dict().items():
+        # Some config.json files write a probability as an int (`"attention_dropout": 0`).
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, dropout)
+
+
+def load_model(name_or_path: str, tokenizer, *, head: str = "causal_lm", dtype: torch.dtype = torch.float32,
+               dropout: float | None = None, gradient_checkpointing: bool = False):
+    """An HF model for training: `head` is "causal_lm" or "score" (a scalar head: reward model or critic).
+
+    A "score" model loads from a causal-LM checkpoint too (the head is then freshly initialised).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise OSError(f"cannot load a model config from {name_or_path!r}: {e}") from e
+    configure_dropout(config, dropout)
+    if head == "causal_lm":
+        cls = AutoModelForCausalLM
+    elif head == "score":
+        cls, config.num_labels = AutoModelForSequenceClassification, 1
+    else:
+        raise ValueError(f"head must be causal_lm or score, got {head!r}")
+    model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    # Set after construction: an added pad id is out of range of the checkpoint's embedding (its padding_idx).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if head == "score" and any(k.startswith("score.") for k in info["missing_keys"]):
+        # A fresh head: std 1/sqrt(d+1) keeps initial scores O(1) (lm-human-preference-details' reward head).
+        with torch.no_grad():
+            model.score.weight.normal_(0.0, 1.0 / (model.config.hidden_size + 1) ** 0.5)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def lora_target_modules(model, module_name: str | None) -> list[str]:
+    """Names of the Linear layers that get LoRA: those containing `module_name`, or all inside the blocks."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's Linear
+
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, Conv1D)) or name.split(".")[-1] in HEAD_NAMES:
+            continue
+        if module_name is None or module_name in name:
+            names.append(name)
+    if not names:
+        where = f"--lora_module_name {module_name!r}" if module_name else "the model"
+        raise ValueError(f"LoRA: no Linear layer matches {where}; layer names look like "
+                         f"{[n for n, _ in model.named_modules()][1:6]}")
+    return names
+
+
+def add_lora(model, *, dim: int, alpha: float | None, dropout: float, module_name: str | None,
+             only_optimize_lora: bool, head: str = "causal_lm"):
+    """Wraps `model` with peft LoRA adapters. Without `only_optimize_lora` the base weights keep training too
+    (DeepSpeed-Chat's meaning of its flags); a scalar head always trains."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, module_name)
+    config = LoraConfig(r=dim, lora_alpha=alpha if alpha is not None else 2 * dim, lora_dropout=dropout,
+                        target_modules=targets, modules_to_save=["score"] if head == "score" else None)
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    model = get_peft_model(model, config)
+    if not only_optimize_lora:
+        for name, p in model.named_parameters():
+            if "lora_" not in name:
+                p.requires_grad_(True)
+    return model
+
+
+_LORA_KEY = re.compile(r"^(?P<prefix>.*)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
+
+
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scaling: float, conv1d: bool = False) -> dict:
+    """A peft model's state dict -> the plain model's, with W + scaling * B @ A folded into each base weight.
+
+    Pure (works on ZeRO-3 consolidated dicts with no model at hand). Keys lose peft's `base_model.model.`
+    prefix, `.base_layer` and the `modules_to_save` wrapper. conv1d: GPT-2 stores weights transposed.
+    """
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            lora.setdefault(m["prefix"], {})[m["ab"]] = value
+            continue
+        if ".original_module." in key:
+            continue  # modules_to_save keeps a frozen copy; the trained one is under modules_to_save
+        out[_plain_key(key)] = value
+    for prefix, ab in lora.items():
+        key = _plain_key(prefix + ".weight")
+        delta = (ab["B"].float() @ ab["A"].float()) * scaling
+        base = out[key]
+        out[key] = (base.float() + (delta.T if conv1d else delta)).to(base.dtype)
+    return out
+
+
+def _plain_key(key: str) -> str:
+    key = key.removeprefix("base_model.model.")
+    key = key.replace(".base_layer.", ".")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
