@@ -106,7 +106,8 @@ class DataArgs:
     data_output_path: str = "~/.cache/chatrlhf/data"
     """Tokenized-dataset cache; its key covers everything that changes its content."""
     data_format: Optional[str] = None
-    """Force a record format (hh_rlhf, rm_static, prompt_chosen_rejected, alpaca, messages, sharegpt) instead of detecting it."""
+    """Force a record format (hh_rlhf, rm_static, prompt_chosen_rejected, preference_messages, alpaca, messages,
+    sharegpt) instead of detecting it from the first record."""
     eval_fraction: float = 0.05
     """Share of a dataset held out for evaluation when it has no eval split of its own."""
     skip_malformed: bool = False
@@ -125,8 +126,8 @@ class DataArgs:
 
 
 @dataclass
-class TrainArgs:
-    """The training run: length, batch sizes, evaluation, checkpoints, logging."""
+class RunArgs:
+    """A training run: length, evaluation, checkpoints, logging."""
 
     output_dir: str = "output/step1"
     """Where the final Hugging Face model, checkpoints, metrics and the resolved config go."""
@@ -136,10 +137,6 @@ class TrainArgs:
     """Passes over the training data."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: run all epochs)."""
-    per_device_train_batch_size: int = 8
-    """Micro-batch size per rank."""
-    per_device_eval_batch_size: int = 8
-    """Evaluation batch size per rank."""
     eval_interval: int = 0
     """Evaluate every N optimizer steps (0: only before and after training)."""
     eval_iters: int = 100
@@ -162,3 +159,36 @@ class TrainArgs:
     """Accepted for DeepSpeed-Chat compatibility; chatrlhf always ends answers with the tokenizer's EOS token."""
     eot_token: str = "<|endoftext|>"
     """Accepted for DeepSpeed-Chat compatibility; see --add_eot_token."""
+
+
+@dataclass
+class TrainArgs(RunArgs):
+    """A supervised run (steps 1 and 2): the run settings plus batch sizes."""
+
+    per_device_train_batch_size: int = 8
+    """Micro-batch size per rank."""
+    per_device_eval_batch_size: int = 8
+    """Evaluation batch size per rank."""
+
+
+@dataclass
+class GenerationArgs:
+    """Sampling settings: used to generate, and (temperature) to score what was generated."""
+
+    do_sample: bool = True
+    """Sample (PPO needs on-policy samples); false decodes greedily."""
+    temperature: float = 1.0
+    """Softmax temperature for sampling; log-probabilities are computed with the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: off)."""
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+
+    def sampling(self) -> dict:
+        return dict(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)

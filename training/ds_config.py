@@ -49,7 +49,23 @@ def build_ds_config(*, zero_stage: int, dtype: str, micro_batch_size: int, gradi
     }
     if offload and not inference_only:
         config["zero_force_ds_cpu_optimizer"] = False
-    return merge_user_config(config, user_config) if user_config else config
+    if user_config:
+        _check_batch_keys(config, user_config)
+        config = merge_user_config(config, user_config)
+    return config
+
+
+BATCH_FLAGS = {"train_micro_batch_size_per_gpu": "--per_device_train_batch_size",
+               "gradient_accumulation_steps": "--gradient_accumulation_steps", "train_batch_size": None}
+
+
+def _check_batch_keys(ours: dict, theirs: dict) -> None:
+    """Batch sizes drive our data loading and step counting, so they come from flags; a JSON that says
+    otherwise is refused rather than silently disagreeing with the data loader."""
+    for key, flag in BATCH_FLAGS.items():
+        if key in theirs and theirs[key] != ours[key]:
+            how = f"set {flag} instead" if flag else "it follows from the micro-batch, accumulation and world size"
+            raise ValueError(f"--deepspeed_config sets {key}={theirs[key]} but the run uses {ours[key]}: {how}")
 
 
 def merge_user_config(ours: dict, theirs: dict) -> dict:

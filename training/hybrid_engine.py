@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -133,18 +133,101 @@ class HybridEngine:
 
     # ---- generation mode -----------------------------------------------------------------------------
     @contextmanager
-    def generation(self):
-        """Eval mode, no grad, KV cache on; everything restored on exit (also after an exception)."""
-        was_training = self.module.training
-        saved_mode = self.mode
+    def generation(self, gather: bool = True, merge_lora: bool = True, release_cache: bool = False):
+        """Enters generation mode and yields a `generate(input_ids, attention_mask, **sampling)` callable.
+
+        Entering: eval mode (no dropout), no grad, gradient checkpointing off, KV cache on; under ZeRO-3 with
+        `gather`, every parameter gathered once and DeepSpeed's per-module fetch hooks taken off (otherwise
+        each decoding step re-gathers every layer); LoRA folded into the weights (`merge_lora`). Leaving
+        restores all of it, also after an exception. `gather=False` keeps ZeRO-3's layer-by-layer fetching
+        (bounded memory, slow) and syncs ranks so none hangs when they finish at different lengths.
+        """
+        if self.mode == "generate":
+            raise RuntimeError("already in generation mode")
+        module = self.module
+        was_training, saved_mode = module.training, self.mode
+        checkpointing = getattr(module, "is_gradient_checkpointing", False)
+        gathered = gather and self.zero_stage == 3
         self.mode = "generate"
-        self.engine.eval()
+        with ExitStack() as stack:
+            try:
+                self.engine.eval()
+                if checkpointing:
+                    module.gradient_checkpointing_disable()
+                if gathered:
+                    stack.enter_context(_gathered_without_hooks(self.engine))
+                if merge_lora and self.lora_scaling is not None:
+                    stack.enter_context(_lora_merged(module))
+                stack.enter_context(torch.no_grad())
+                synced = self.zero_stage == 3 and not gathered and dist.get_world_size() > 1
+                yield lambda input_ids, attention_mask, **kw: _generate(module, input_ids, attention_mask,
+                                                                        synced_gpus=synced, **kw)
+            finally:
+                stack.close()
+                if checkpointing:
+                    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                self.engine.train(was_training)
+                self.mode = saved_mode
+                if release_cache:
+                    dist.accelerator().empty_cache()
+
+
+def _generate(module, input_ids, attention_mask, *, synced_gpus: bool, max_new_tokens: int, pad_token_id: int,
+              eos_token_id: int, do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0,
+              top_k: int = 0):
+    """HF generate with our sampling settings only (a checkpoint's generation_config cannot override them).
+
+    Stops at EOS, no minimum length (DeepSpeed-Chat's forced min_length made answers repeat to the limit)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id,
+                              eos_token_id=eos_token_id, use_cache=True,
+                              **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}))
+    return module.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                           synced_gpus=synced_gpus)
+
+
+def _zero3_offload(engine):
+    opt = engine.optimizer
+    return opt.parameter_offload if hasattr(opt, "parameter_offload") else opt
+
+
+@contextmanager
+def _gathered_without_hooks(engine):
+    """ZeRO-3: all parameters gathered once, fetch hooks off for the duration (as TRL's
+    unwrap_model_for_generation and DeepSpeed's own, but restored even when generation raises)."""
+    import deepspeed
+
+    offload = _zero3_offload(engine)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
         try:
-            with torch.no_grad():
-                yield self
+            yield
         finally:
-            self.mode = saved_mode
-            self.engine.train(was_training)
+            offload._register_deepspeed_module(offload.module)
+
+
+@contextmanager
+def _lora_merged(peft_model):
+    """LoRA deltas folded into the base weights, adapters bypassed; the original tensors are put back
+    (not un-merged by subtraction, which drifts bf16 weights a little every rollout)."""
+    from peft.tuners.lora import LoraLayer
+
+    originals = []
+    try:
+        for layer in peft_model.modules():
+            if isinstance(layer, LoraLayer):
+                weight = layer.get_base_layer().weight
+                delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A)
+                originals.append((weight, weight.data))
+                weight.data = weight.data + delta.to(weight.dtype)
+        with peft_model.disable_adapter():
+            yield
+    finally:
+        for weight, data in originals:
+            weight.data = data
 
 
 def _write_hf(module, state, out: Path, tokenizer, lora_scaling, keep_lora_adapter: bool) -> None:

@@ -14,6 +14,8 @@ OPT-specific offset and breaks when pad == eos.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 HEAD_NAME = "score"  # AutoModelForSequenceClassification's head in every family we support
@@ -47,13 +49,17 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     `engine.module`, a HybridEngine or DeepSpeedEngine). The whole model is called (not its backbone and head
     separately): DeepSpeed ZeRO-3 gathers and releases parameters from hooks on the root module, and
     transformers' model already applies `score` to every position, so a forward hook on the head reads the
-    per-token values with no second head call.
+    per-token values with no second head call. Position ids count real tokens only, so a left-padded
+    sequence gets the same values as the same sequence right-padded.
     """
     head = score_head(model)
+    kwargs = {}
+    if accepts_position_ids(unwrap(model)):  # not all families do (BLOOM's ALiBi reads the mask itself)
+        kwargs["position_ids"] = position_ids(attention_mask)
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     finally:
         handle.remove()
     if len(captured) != 1:
@@ -63,6 +69,15 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
         raise ValueError(f"the {HEAD_NAME!r} head returned shape {tuple(values.shape)}; a reward/value model needs "
                          "num_labels=1, i.e. (B, T, 1)")
     return values.squeeze(-1)
+
+
+def accepts_position_ids(hf_model) -> bool:
+    return "position_ids" in inspect.signature(hf_model.forward).parameters
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask (B, T) -> (B, T) long: 0, 1, 2, ... over the real tokens (padding gets its neighbour's)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

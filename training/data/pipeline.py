@@ -51,6 +51,8 @@ def load_phase_data(paths, phase: int, tokenizer, *, data_split: str = "2,4,4", 
         raise ValueError(f"phase must be one of {split.PHASES}, got {phase}")
     if not paths and not sft_only:
         raise ValueError(f"phase {phase} needs at least one --data_path (SFT-only data is used by phase 1 only)")
+    if len(set(paths + sft_only)) < len(paths + sft_only):
+        raise ValueError(f"a data path is listed twice: {paths + sft_only}")
     proportions = split.parse_split(data_split)
     tokenize.check_lengths(max_seq_len, max_prompt_len, overlength)
     fmt = (lambda p: data_format.get(p)) if isinstance(data_format, dict) else (lambda p: data_format)

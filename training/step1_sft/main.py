@@ -8,9 +8,9 @@ Flags: `--help`; recipes: applications/recipes/. Parse -> build -> train -> save
 """
 from __future__ import annotations
 
-from chatrlhf.training import data as data_lib
 from chatrlhf.training.builders import build_trained_model, start_run
 from chatrlhf.training.data.collate import SFTCollator
+from chatrlhf.training.data.pipeline import load_phase_data
 from chatrlhf.training.loop import total_optimizer_steps
 from chatrlhf.training.step1_sft import trainer
 from chatrlhf.training.step1_sft.config import SFTConfig
@@ -23,7 +23,7 @@ def run(cfg: SFTConfig) -> dict:
     """Trains and saves; returns the final evaluation metrics."""
     logger = start_run(cfg.train)
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
-    data = data_lib.load_phase_data(
+    data = load_phase_data(
         cfg.data.data_path, phase=1, tokenizer=tokenizer, data_split=cfg.data.data_split,
         sft_only_paths=cfg.data.sft_only_data_path, seed=cfg.train.seed, cache_dir=cfg.data.data_output_path,
         max_seq_len=cfg.max_seq_len, overlength=cfg.data.overlength, train_on_prompt=cfg.train_on_prompt,

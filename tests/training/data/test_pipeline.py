@@ -62,6 +62,8 @@ def test_argument_errors(hh50, tokenizer):
         load_phase_data([str(hh50)], 4, tokenizer)
     with pytest.raises(ValueError, match="needs at least one --data_path"):
         load_phase_data([], 2, tokenizer, sft_only_paths=[str(hh50)])
+    with pytest.raises(ValueError, match="listed twice"):
+        load_phase_data([str(hh50)], 1, tokenizer, sft_only_paths=[str(hh50)])
 
 
 def test_skip_malformed_is_reported(tmp_path, write, make_pairs, tokenizer, caplog):

@@ -1,0 +1,3 @@
+from chatrlhf.training.step2_reward.main import main
+
+main()

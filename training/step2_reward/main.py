@@ -1,0 +1,52 @@
+"""Step 2: the reward model (pairwise Bradley-Terry loss on end scores).
+
+  deepspeed training/step2_reward/main.py --model_name_or_path <hf id or path> --data_path <pairs> --output_dir out/rm
+  deepspeed --num_gpus 2 --module chatrlhf.training.step2_reward --zero_stage 3 ...   # one node, 2 GPUs
+  python -m chatrlhf.training.step2_reward --dtype bf16 ...                           # one process (CPU or 1 GPU)
+
+The output folder loads with plain `AutoModelForSequenceClassification.from_pretrained(out)` (num_labels=1) and
+scores a sequence at its last real token (chatrlhf.training.value_model); step 3 loads it as the reward model and
+the critic. Score answers with `python -m chatrlhf.training.step2_reward.rw_eval`. Flags: `--help`; recipes:
+applications/recipes/. Parse -> build -> train -> save; `run(config)` is what tests call.
+"""
+from __future__ import annotations
+
+from chatrlhf.training.builders import build_trained_model, start_run
+from chatrlhf.training.data.collate import PairCollator
+from chatrlhf.training.data.pipeline import load_phase_data
+from chatrlhf.training.loop import total_optimizer_steps
+from chatrlhf.training.step2_reward import trainer
+from chatrlhf.training.step2_reward.config import RewardConfig
+from chatrlhf.utils.config import parse_config, save_config
+from chatrlhf.utils.logging import print0
+from chatrlhf.utils.models import load_tokenizer
+
+
+def run(cfg: RewardConfig) -> dict:
+    """Trains and saves; returns the final evaluation metrics."""
+    logger = start_run(cfg.train)
+    if cfg.num_padding_at_beginning:
+        print0("step 2: --num_padding_at_beginning is ignored; scores are read at the last attention_mask == 1 token")
+    tokenizer = load_tokenizer(cfg.model.model_name_or_path)
+    data = load_phase_data(
+        cfg.data.data_path, phase=2, tokenizer=tokenizer, data_split=cfg.data.data_split, seed=cfg.train.seed,
+        cache_dir=cfg.data.data_output_path, max_seq_len=cfg.max_seq_len, overlength=cfg.data.overlength,
+        skip_malformed=cfg.data.skip_malformed, eval_fraction=cfg.data.eval_fraction, data_format=cfg.data.data_format)
+    print0(f"step 2: {len(data.train)} training and {len(data.eval)} eval pairs; {data.stats}")
+    total_steps = total_optimizer_steps(len(data.train), cfg.train, cfg.engine.gradient_accumulation_steps)
+    engine = build_trained_model(cfg.model, cfg.engine, tokenizer, head="score",
+                                 micro_batch_size=cfg.train.per_device_train_batch_size, total_steps=total_steps)
+    save_config(cfg, cfg.train.output_dir)
+    metrics = trainer.train(engine, data, PairCollator(tokenizer), cfg, logger)
+    engine.save_pretrained(cfg.train.output_dir, tokenizer, keep_lora_adapter=cfg.model.keep_lora_adapter)
+    logger.close()
+    print0(f"step 2 done: {metrics}; model saved to {cfg.train.output_dir}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_config(RewardConfig, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Step 3 settings: per-model groups with DeepSpeed-Chat's actor_/critic_ prefixes, and every PPO constant."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from chatrlhf.training.config import DataArgs, EngineArgs, GenerationArgs, ModelArgs, RunArgs
+from chatrlhf.utils.config import group
+
+
+@dataclass
+class PPOArgs:
+    """The PPO algorithm. Defaults are stable with several epochs and minibatches per rollout."""
+
+    ppo_epochs: int = 1
+    """Passes over each rollout's experience."""
+    generation_batches: int = 1
+    """Generation batches collected before each PPO update."""
+    kl_coef: float = 0.05
+    """Initial coefficient of the per-token KL penalty against the reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator in the reward (k1: log-ratio; k3: low-variance, non-negative; Schulman's note)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards --target_kl (Ziegler et al. 2019) instead of keeping it fixed."""
+    target_kl: float = 6.0
+    """KL (nats per answer) the adaptive controller aims at."""
+    kl_horizon: int = 10000
+    """Adaptive controller horizon in samples."""
+    gamma: float = 1.0
+    """Discount in GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """PPO policy-ratio clip."""
+    cliprange_value: float = 0.2
+    """Value clip around the old values (0 disables)."""
+    score_clip: Optional[float] = 5.0
+    """Clip reward-model scores to +-this before use (None: no clip)."""
+    normalize_scores: bool = False
+    """Normalise scores with running mean and std across rollouts."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the valid tokens of each minibatch."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight in the actor loss."""
+    missing_eos_penalty: Optional[float] = None
+    """If set, answers that hit --max_answer_seq_len without EOS get this score instead of the reward model's."""
+    advantage_estimator: str = "gae"
+    """Name in chatrlhf.training.step3_ppo.core.ADVANTAGE_ESTIMATORS."""
+    policy_loss: str = "clip"
+    """Name in chatrlhf.training.step3_ppo.core.POLICY_LOSSES."""
+    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
+    """How per-token losses are averaged."""
+    enable_ema: bool = False
+    """Keep an exponential moving average of the actor (saved to actor_ema/)."""
+    ema_beta: float = 0.992
+    """EMA decay per PPO minibatch step."""
+    unsupervised_dataset_name: Optional[str] = None
+    """Pretraining-mix (PPO-ptx) data: a local text/JSONL file or a hub dataset with a `text` column."""
+    unsupervised_dataset_config_name: Optional[str] = None
+    """Hub config name of --unsupervised_dataset_name (e.g. wikitext-2-raw-v1)."""
+    unsup_coef: float = 27.8
+    """Weight of the language-model loss on the mix data (InstructGPT's gamma), added to the actor objective."""
+
+    def __post_init__(self):
+        for name in ("ppo_epochs", "generation_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
+            raise ValueError("--gamma and --lam must be in [0, 1]")
+
+
+@dataclass
+class HybridEngineArgs:
+    """DeepSpeed-Chat's hybrid-engine knobs, with what each means here."""
+
+    enable_hybrid_engine: bool = True
+    """Generate with ZeRO-3 parameters gathered once and LoRA merged (false: plain per-layer ZeRO-3 generate)."""
+    unpin_actor_parameters: bool = False
+    """Do not gather the whole actor for generation: fetch layer by layer (less memory, much slower)."""
+    release_inference_cache: bool = False
+    """Empty the accelerator cache after each generation (room for bigger training batches)."""
+    inference_tp_size: int = 1
+    """Tensor-parallel generation: not supported (only 1)."""
+    tp_gather_partition_size: int = 8
+    """Layers per gather when converting to tensor-parallel slices: unused without tensor parallelism."""
+
+    def __post_init__(self):
+        if self.inference_tp_size != 1:
+            raise ValueError("--inference_tp_size > 1 is not supported: chatrlhf generates with the whole actor "
+                             "gathered on each rank (use ZeRO-3 with --offload to fit bigger actors)")
+
+
+@dataclass
+class PPOConfig:
+    """Step 3: PPO of the step-1 actor against the step-2 reward model, with a critic."""
+
+    actor: ModelArgs = group(ModelArgs, prefix="actor_", learning_rate=9.65e-6)
+    critic: ModelArgs = group(ModelArgs, prefix="critic_", learning_rate=5e-6)
+    engine: EngineArgs = group(EngineArgs, num_warmup_steps=0)
+    data: DataArgs = group(DataArgs)
+    run: RunArgs = group(RunArgs, output_dir="output/step3_ppo")
+    generation: GenerationArgs = group(GenerationArgs)
+    ppo: PPOArgs = group(PPOArgs)
+    hybrid: HybridEngineArgs = group(HybridEngineArgs)
+    reward_model_name_or_path: Optional[str] = None
+    """The frozen reward model (default: the critic's starting point, as in DeepSpeed-Chat)."""
+    reference_model_name_or_path: Optional[str] = None
+    """The frozen reference model (default: the actor's starting point; with LoRA and --only_optimize_lora the
+    actor with adapters disabled, no second copy)."""
+    per_device_generation_batch_size: int = 8
+    """Prompts per rank per generation call."""
+    per_device_training_batch_size: int = 8
+    """PPO minibatch per rank (sequences)."""
+    per_device_eval_batch_size: int = 8
+    """Prompts per rank per evaluation batch."""
+    max_prompt_seq_len: int = 256
+    """Prompt tokens kept (longer prompts lose their start; see --overlength)."""
+    max_answer_seq_len: int = 256
+    """Most tokens generated per answer."""
+    offload_reference_model: bool = False
+    """Keep the reference model's parameters in CPU memory (ZeRO-3 offload)."""
+    offload_reward_model: bool = False
+    """Keep the reward model's parameters in CPU memory (ZeRO-3 offload)."""
+    num_padding_at_beginning: int = 1
+    """Accepted for DeepSpeed-Chat compatibility and ignored: scores are read at the last attended token."""
+    print_answers: bool = False
+    """Print a prompt and its answer with its score every --print_answers_interval steps."""
+    print_answers_interval: int = 1
+    """Steps between printed answers."""
+    align_overflow: bool = False
+    """Accepted for DeepSpeed-Chat compatibility; fp16 overflow handling is DeepSpeed's own (prefer bf16)."""
+    enable_mixed_precision_lora: bool = False
+    """DeepSpeed-Chat's MixZ++ quantised frozen weights: not supported."""
+    actor_lora_learning_rate: Optional[float] = None
+    """Learning rate of the actor's LoRA parameters (default: --actor_lora_learning_rate of the group, 5e-4)."""
+
+    def __post_init__(self):
+        if self.enable_mixed_precision_lora:
+            raise ValueError("--enable_mixed_precision_lora (MixZ++) is not supported")
+        if self.per_device_generation_batch_size * self.ppo.generation_batches % self.per_device_training_batch_size:
+            raise ValueError("--per_device_generation_batch_size x --generation_batches must be a multiple of "
+                             "--per_device_training_batch_size")
