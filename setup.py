@@ -20,24 +20,25 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
+    package_data={f"{NAMESPACE}.training.data": ["bundled/*"]},
     install_requires=[
-        # Minimums are the versions the test suite runs against.
-        "torch>=2.4",
-        "deepspeed>=0.16",
-        "transformers>=4.51",
-        "datasets>=3.0",
-        "peft>=0.14",
-        "numpy>=1.26",
-        "safetensors>=0.4",
+        # Minimums are the versions the test suite runs against (older ones are untested, not known to fail).
+        "torch>=2.13",
+        "deepspeed>=0.19",
+        "transformers>=5.0",
+        "datasets>=5.0",
+        "peft>=0.21",
+        "numpy>=2.0",
+        "safetensors>=0.8",
         "tqdm>=4.66",
-        "tensorboard>=2.15",
+        "tensorboard>=2.20",
         "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        "test": ["pytest>=9.0", "pytest-xdist>=3.8", "gguf>=0.19", "accelerate>=1.15", "matplotlib>=3.11"],
         # Converting the default GGUF model to Hugging Face format.
-        "gguf": ["gguf>=0.10", "accelerate>=1.0"],
-        "report": ["matplotlib>=3.8"],
+        "gguf": ["gguf>=0.19", "accelerate>=1.15"],
+        "report": ["matplotlib>=3.11"],
     },
     entry_points={
         "console_scripts": [

@@ -5,6 +5,7 @@ The pad id is `tokenizer.pad_token_id`, which must exist and differ from eos (CO
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +65,15 @@ class PairCollator:
 
 @dataclass
 class PromptCollator:
-    """Phase 3: LEFT-padded prompts for generation, input_ids/attention_mask [B, T]."""
+    """Phase 3: LEFT-padded prompts for generation, input_ids/attention_mask [B, T], plus the prompts'
+    chat messages (`prompt_messages`, a list of message lists) when the dataset has them."""
     tokenizer: object
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         input_ids, mask = pad([f["input_ids"] for f in features], _pad_id(self.tokenizer), "left",
                               self.pad_to_multiple_of)
-        return {"input_ids": input_ids, "attention_mask": mask}
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if features and "prompt_messages" in features[0]:
+            batch["prompt_messages"] = [json.loads(f["prompt_messages"]) for f in features]
+        return batch

@@ -88,7 +88,8 @@ def load_phase_data(paths, phase: int, tokenizer, *, data_split: str = "2,4,4", 
     data, stats, status = cache.cached(cache_dir, key, build)
     stats.update(cache=status, cache_path=str(os.path.join(os.path.expanduser(str(cache_dir)), key)) if key else None)
     for name in ("train", "eval"):
-        data[name].set_format("torch", columns=COLUMNS[phase])
+        # Non-tensor columns (phase 3's prompt_messages) come through as Python values.
+        data[name].set_format("torch", columns=COLUMNS[phase], output_all_columns=True)
     if get_rank() == 0:
         _log_summary(stats)
     return PhaseData(data["train"], data["eval"], stats)

@@ -14,6 +14,7 @@ last max_prompt_len prompt tokens. All counts are returned and logged by the cal
 from __future__ import annotations
 
 import hashlib
+import json
 
 from chatrlhf.training.data.render import encode_prompts, encode_responses
 
@@ -67,13 +68,15 @@ def _pairs(batch, tokenizer, max_seq_len, max_prompt_len, overlength, train_on_p
 
 
 def _prompts(batch, tokenizer, max_seq_len, max_prompt_len, overlength, train_on_prompt):
-    out = {k: [] for k in ("input_ids", "length", "_truncated", "_eos_cut")}
-    for p in encode_prompts(tokenizer, batch["prompt"]):
+    out = {k: [] for k in ("input_ids", "prompt_messages", "length", "_truncated", "_eos_cut")}
+    for p, messages in zip(encode_prompts(tokenizer, batch["prompt"]), batch["prompt"]):
         cut = len(p) > max_prompt_len
         if cut and overlength == "drop":
             continue
         p = p[-max_prompt_len:] if cut else p
         out["input_ids"].append(p)
+        # The messages travel with the tokens: a reward model with another tokenizer renders them its own way.
+        out["prompt_messages"].append(json.dumps(messages))
         out["length"].append(len(p))
         out["_truncated"].append(cut)
         out["_eos_cut"].append(False)
@@ -95,7 +98,8 @@ def features(phase: int):
 
     ids = List(Value("int32"))
     cols = {1: ("input_ids", "labels"), 2: ("chosen_input_ids", "rejected_input_ids"), 3: ("input_ids",)}[phase]
-    return Features({**{c: ids for c in cols}, "length": Value("int32"),
+    extra = {"prompt_messages": Value("string")} if phase == 3 else {}
+    return Features({**{c: ids for c in cols}, **extra, "length": Value("int32"),
                      "_truncated": Value("bool"), "_eos_cut": Value("bool")})
 
 

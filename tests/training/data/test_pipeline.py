@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from chatrlhf.training.data import load_phase_data
+from chatrlhf.training.data.pipeline import load_phase_data
 from chatrlhf.training.data.collate import PairCollator, PromptCollator, SFTCollator
 from chatrlhf.training.data.formats import DataFormatError
 
@@ -14,13 +14,13 @@ SPLIT_STATS = {"records", "kept", "truncated", "dropped", "eos_cut"}
 @pytest.mark.parametrize("phase, columns, collator", [
     (1, ["input_ids", "labels", "length"], SFTCollator),
     (2, ["chosen_input_ids", "rejected_input_ids", "length"], PairCollator),
-    (3, ["input_ids", "length"], PromptCollator),
+    (3, ["input_ids", "prompt_messages", "length"], PromptCollator),
 ])
 def test_real_hh_rlhf_all_phases(hh50, pad_tokenizer, phase, columns, collator):
     data = load_phase_data([str(hh50)], phase, pad_tokenizer, max_seq_len=128, max_prompt_len=64, eval_fraction=0.2)
     assert data.train.column_names == columns and len(data.train) > 0 and len(data.eval) > 0
     row = data.train[0]
-    assert all(isinstance(row[c], torch.Tensor) for c in columns)
+    assert all(isinstance(row[c], torch.Tensor) for c in columns if c != "prompt_messages")
     first = columns[0]
     assert int(row["length"]) == len(row[first]) <= (128 if phase < 3 else 64)
     s = data.stats
@@ -30,6 +30,8 @@ def test_real_hh_rlhf_all_phases(hh50, pad_tokenizer, phase, columns, collator):
     batch = next(iter(DataLoader(data.train, batch_size=4, collate_fn=collator(pad_tokenizer))))
     rows = 8 if phase == 2 else 4
     assert batch["input_ids"].shape[0] == rows and batch["attention_mask"].shape == batch["input_ids"].shape
+    if phase == 3:  # the messages travel with the tokens, for a reward model with another tokenizer
+        assert len(batch["prompt_messages"]) == 4 and batch["prompt_messages"][0][-1]["role"] == "user"
 
 
 def test_phase_split_sizes_follow_data_split(hh50, tokenizer):

@@ -85,7 +85,7 @@ def test_ppo_prompts_keep_the_last_tokens_or_drop(tokenizer):
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": LONG}])
     out, stats = tokenize_phase(ds, 3, tokenizer, max_prompt_len=16)
     assert stats == {"records": 2, "kept": 2, "dropped": 0, "truncated": 1, "eos_cut": 0}
-    assert out[0]["input_ids"] == prompt[-16:] and out.column_names == ["input_ids", "length"]
+    assert out[0]["input_ids"] == prompt[-16:] and out.column_names == ["input_ids", "prompt_messages", "length"]
     out, stats = tokenize_phase(ds, 3, tokenizer, max_prompt_len=16, overlength="drop")
     assert (len(out), stats["dropped"]) == (1, 1)
 

@@ -1,0 +1,277 @@
+"""Step 2 end to end on tiny random models: learning a planted preference, plain-transformers reload, rw_eval,
+LoRA, resume after a kill, every family, and two ZeRO-3 ranks against one process."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from chatrlhf.training import checkpoint
+from chatrlhf.training.data.collate import PairCollator
+from chatrlhf.training.data.pipeline import load_phase_data
+from chatrlhf.training.step2_reward import main as rm_main
+from chatrlhf.training.step2_reward import rw_eval, trainer
+from chatrlhf.training.step2_reward.config import RewardConfig
+from chatrlhf.training.value_model import end_scores, token_values
+from chatrlhf.utils.config import from_flat, load_config, parse_config
+from chatrlhf.utils.logging import read_metrics
+
+MARKER = "fig"
+# Words of two tokens each under the test tokenizer, like " fig": a pair differs in one word and not in length.
+WORDS = "cat sat mat food car dog see then moon star bed hat pen ox".split()
+
+
+def write_planted(path: Path, n: int, seed: int = 0) -> Path:
+    """n pairs whose chosen answer contains MARKER where the rejected one has another word instead."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5))) + "?"
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 7))]
+            at = rng.randint(0, len(words))
+            chosen = " ".join(words[:at] + [MARKER] + words[at:])
+            rejected = " ".join(words[:at] + [rng.choice(WORDS)] + words[at:])
+            f.write(json.dumps({"prompt": question, "chosen": chosen, "rejected": rejected}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return write_planted(tmp_path_factory.mktemp("planted") / "pairs.jsonl", 400)
+
+
+def _flags(model_dir, out, data, cache, **extra) -> dict:
+    flags = dict(model_name_or_path=str(model_dir), data_path=[str(data)], data_split="0,1,0", eval_fraction=0.2,
+                 dtype="fp32", output_dir=str(out), data_output_path=str(cache), max_seq_len=48,
+                 per_device_train_batch_size=16, per_device_eval_batch_size=40, learning_rate=3e-3,
+                 lr_scheduler_type="constant", eval_iters=10, eval_interval=0, seed=3)
+    flags.update(extra)
+    return flags
+
+
+def _evals(out, key="eval/accuracy") -> list[float]:
+    return [m[key] for m in read_metrics(out) if key in m]
+
+
+def _train_losses(out) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(out) if "train/loss" in m}
+
+
+def _hf_pair_scores(model_dir, cfg: RewardConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) end scores of every held-out pair from the saved model loaded by plain transformers,
+    plus the same scores read by our token_values/end_scores."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = load_phase_data(cfg.data.data_path, phase=2, tokenizer=tok, data_split=cfg.data.data_split,
+                           seed=cfg.train.seed, cache_dir=cfg.data.data_output_path, max_seq_len=cfg.max_seq_len,
+                           eval_fraction=cfg.data.eval_fraction)
+    batch = PairCollator(tok)([data.eval[i] for i in range(len(data.eval))])  # right-padded, [2B, T]
+    with torch.no_grad():
+        hf = model(**batch).logits.squeeze(-1)
+        ours = end_scores(token_values(model, batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+    half = hf.numel() // 2
+    return hf[:half], hf[half:], ours
+
+
+@pytest.fixture(scope="module")
+def planted_run(tiny_model_dir, planted, tmp_path_factory):
+    """A tiny llama trained on the planted preference (shared by the tests that read its output)."""
+    tmp = tmp_path_factory.mktemp("rm")
+    out = tmp / "rm"
+    cfg = from_flat(RewardConfig, _flags(tiny_model_dir("llama"), out, planted, tmp / "cache", max_steps=120, num_train_epochs=6,
+                                         eval_interval=40))
+    metrics = rm_main.run(cfg)
+    return cfg, out, metrics
+
+
+def test_planted_marker_is_learned_to_over_95_percent_held_out(planted_run, tiny_model_dir):
+    cfg, out, metrics = planted_run
+    # The cue is the marker alone: both answers of every pair have the same number of tokens.
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    assert len(tok.tokenize(" " + MARKER)) == 2 and all(len(tok.tokenize(" " + w)) == 2 for w in WORDS)
+    accuracy = _evals(out)
+    assert accuracy[0] < 0.8, accuracy  # a random head does not know the marker
+    assert metrics["eval/accuracy"] > 0.95 and metrics["eval/pairs"] == 80, metrics
+    assert metrics["eval/chosen_score"] > metrics["eval/rejected_score"]
+    assert metrics["eval/margin"] == pytest.approx(metrics["eval/chosen_score"] - metrics["eval/rejected_score"])
+    # Evaluated before training, every --eval_interval steps and at the end.
+    assert [m["step"] for m in read_metrics(out) if "eval/accuracy" in m] == [0, 40, 80, 120]
+    assert all(k in m for m in read_metrics(out) if "train/loss" in m for k in ("train/accuracy", "train/margin"))
+
+
+def test_saved_model_loads_in_plain_transformers_with_identical_scores(planted_run):
+    cfg, out, metrics = planted_run
+    chosen, rejected, ours = _hf_pair_scores(out, cfg)
+    # HF pools the last non-pad token; we read the last attention_mask == 1 token: identical on right padding.
+    torch.testing.assert_close(ours, torch.cat([chosen, rejected]), rtol=0, atol=0)
+    # ...and they are the scores the trainer evaluated before saving.
+    assert (chosen > rejected).float().mean().item() == pytest.approx(metrics["eval/accuracy"])
+    assert chosen.mean().item() == pytest.approx(metrics["eval/chosen_score"], abs=1e-4)
+    assert rejected.mean().item() == pytest.approx(metrics["eval/rejected_score"], abs=1e-4)
+    hf_config = AutoModelForSequenceClassification.from_pretrained(out).config
+    tok = AutoTokenizer.from_pretrained(out)
+    assert hf_config.num_labels == 1 and hf_config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    assert load_config(RewardConfig, out) == cfg
+
+
+def test_rw_eval_scores_answers_from_the_command_line_and_files(planted_run, tmp_path, capsys):
+    _, out, _ = planted_run
+    model, tok = rw_eval.load_reward_model(str(out))
+    good, bad = rw_eval.score_texts(model, tok, "cat dog?", ["moon fig bed hat", "moon pen bed hat"])
+    assert good > bad
+
+    results = rw_eval.main(["--model_name_or_path", str(out), "--prompt", "cat dog?",
+                            "--answers", "moon fig bed hat", "moon pen bed hat"])
+    assert [r["scores"] for r in results] == [pytest.approx([good, bad], abs=1e-5)]
+    assert "moon fig bed hat" in capsys.readouterr().out
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "see car?", "chosen": "fig hat", "rejected": "pen hat"}) + "\n"
+                     + json.dumps({"prompt": "\n\nHuman: ox?\n\nAssistant:", "chosen": "star fig",
+                                   "rejected": "star bed"}) + "\n")
+    lists = tmp_path / "lists.jsonl"
+    lists.write_text(json.dumps({"prompt": [{"role": "user", "content": "cat dog?"}],
+                                 "answers": ["moon fig bed hat", "moon pen bed hat", "fig"]}) + "\n")
+    scores_file = tmp_path / "scores.jsonl"
+    rw_eval.main(["--model_name_or_path", str(out), "--input_file", str(pairs), "--output_file", str(scores_file)])
+    assert "pairwise accuracy: 1.0000 (2 of 2" in capsys.readouterr().out
+    written = [json.loads(line) for line in scores_file.read_text().splitlines()]
+    assert [r["chosen_wins"] for r in written] == [True, True]
+    listed = rw_eval.main(["--model_name_or_path", str(out), "--input_file", str(lists)])
+    assert listed[0]["scores"][:2] == pytest.approx([good, bad], abs=1e-5)  # same rendering for all prompt forms
+
+
+def test_rw_eval_refuses_a_model_without_a_trained_head(tiny_model_dir):
+    with pytest.raises(ValueError, match="no trained score head"):
+        rw_eval.load_reward_model(str(tiny_model_dir("llama")))
+    with pytest.raises(SystemExit):
+        rw_eval.main(["--model_name_or_path", "x", "--prompt", "p"])  # no answers
+
+
+def test_flags_defaults_and_ds_chat_compatibility():
+    cfg = parse_config(RewardConfig, ["--num_padding_at_beginning", "1", "--compute_fp32_loss", "--margin", "0.5",
+                                      "--center_coef", "0.01", "--zero_stage", "3", "--eval_iters", "5"])
+    assert cfg.model.learning_rate == 5e-5 and cfg.train.output_dir == "output/step2_reward"
+    assert cfg.train.eval_interval == 100 and cfg.num_padding_at_beginning == 1 and cfg.margin == 0.5
+    assert cfg.center_coef == 0.01 and cfg.model.zero_stage == 3 and cfg.engine.compute_fp32_loss
+    with pytest.raises(SystemExit):
+        parse_config(RewardConfig, ["--center_coef", "-1"])
+    with pytest.raises(SystemExit):
+        parse_config(RewardConfig, ["--help"])
+
+
+def test_margin_and_centring_reach_the_loss(tiny_model_dir, planted, tmp_path, monkeypatch):
+    seen = {}
+    real = trainer.pairwise_loss
+
+    def spy(chosen, rejected, margin, center_coef):
+        seen.update(margin=margin, center_coef=center_coef)
+        return real(chosen, rejected, margin, center_coef)
+
+    monkeypatch.setattr(trainer, "pairwise_loss", spy)
+    rm_main.run(from_flat(RewardConfig, _flags(tiny_model_dir("llama"), tmp_path / "m", planted, tmp_path / "c",
+                                               max_steps=1, margin=0.5, center_coef=0.01)))
+    assert seen == {"margin": 0.5, "center_coef": 0.01}
+
+
+def test_lora_only_trains_adapters_and_head_and_saves_a_loadable_model(tiny_model_dir, planted, tmp_path):
+    base_dir = tiny_model_dir("llama")
+    out = tmp_path / "lora"
+    cfg = from_flat(RewardConfig, _flags(base_dir, out, planted, tmp_path / "c", lora_dim=8, only_optimize_lora=True,
+                                         lora_learning_rate=1e-2, learning_rate=1e-2, max_steps=40))
+    metrics = rm_main.run(cfg)
+    assert metrics["eval/accuracy"] > _evals(out)[0] + 0.2, _evals(out)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1).state_dict()
+    merged = AutoModelForSequenceClassification.from_pretrained(out).state_dict()
+    assert set(merged) == set(base)
+    changed = {k for k in base if k != "score.weight" and not torch.equal(base[k], merged[k])}
+    # Merged adapters change Linear weights in the blocks only; embeddings and norms stayed frozen.
+    assert changed and all(".layers." in k and k.endswith("proj.weight") for k in changed), changed
+    chosen, rejected, _ = _hf_pair_scores(out, cfg)
+    assert chosen.mean().item() == pytest.approx(metrics["eval/chosen_score"], abs=1e-4)
+    assert (chosen > rejected).float().mean().item() == pytest.approx(metrics["eval/accuracy"])
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_model_dir, planted, tmp_path, monkeypatch):
+    model = tiny_model_dir("llama")
+    flags = dict(max_steps=6, save_interval=2, dropout=0.1, per_device_train_batch_size=8)  # dropout: RNG restored
+    straight = tmp_path / "straight"
+    rm_main.run(from_flat(RewardConfig, _flags(model, straight, planted, tmp_path / "c", **flags)))
+
+    resumed = tmp_path / "resumed"
+    cfg = from_flat(RewardConfig, _flags(model, resumed, planted, tmp_path / "c", **flags))
+    real_loss, calls = trainer.reward_loss, {"n": 0}
+
+    def crashing_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during step 5, after the step-4 checkpoint
+            raise Crash("killed")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "reward_loss", crashing_loss)
+    with pytest.raises(Crash):
+        rm_main.run(cfg)
+    assert checkpoint.latest(resumed).name == "step_4"
+    monkeypatch.setattr(trainer, "reward_loss", real_loss)
+    rm_main.run(cfg)
+
+    assert _train_losses(resumed) == pytest.approx(_train_losses(straight), abs=1e-5)
+    assert _evals(resumed, "eval/loss")[-1] == pytest.approx(_evals(straight, "eval/loss")[-1], abs=1e-5)
+    a = AutoModelForSequenceClassification.from_pretrained(straight).state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(resumed).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "qwen2", "gpt_neox", "bloom"])
+def test_every_family_trains_and_reloads(family, tiny_model_dir, planted, tmp_path):
+    out = tmp_path / family
+    cfg = from_flat(RewardConfig, _flags(tiny_model_dir(family, chat_template=family != "opt"), out, planted,
+                                         tmp_path / "c", max_steps=2, eval_iters=1))
+    metrics = rm_main.run(cfg)
+    chosen, rejected, ours = _hf_pair_scores(out, cfg)
+    torch.testing.assert_close(ours, torch.cat([chosen, rejected]), rtol=1e-5, atol=1e-5)
+    assert chosen[:40].mean().item() == pytest.approx(metrics["eval/chosen_score"], abs=1e-4)
+
+
+def test_real_hh_rlhf_pairs(tiny_model_dir, hh_rlhf_path, tmp_path):
+    import gzip
+
+    path = tmp_path / "hh.jsonl"
+    with gzip.open(hh_rlhf_path, "rt") as f, path.open("w") as out:
+        out.writelines(line for _, line in zip(range(64), f))
+    out = tmp_path / "rm"
+    metrics = rm_main.run(from_flat(RewardConfig, _flags(tiny_model_dir("llama"), out, path, tmp_path / "c",
+                                                         max_steps=2, max_seq_len=128, skip_malformed=True,
+                                                         per_device_train_batch_size=4)))
+    assert metrics["eval/pairs"] > 0 and len(_train_losses(out)) == 2
+
+
+@pytest.mark.distributed
+def test_two_ranks_zero3_match_one_process(tiny_model_dir, planted, tmp_path, deepspeed_launch):
+    model = tiny_model_dir("llama")
+    extra = dict(max_steps=5, center_coef=0.01, margin=0.1, per_device_eval_batch_size=20, eval_iters=4)
+    one = tmp_path / "one"
+    rm_main.run(from_flat(RewardConfig, _flags(model, one, planted, tmp_path / "c", per_device_train_batch_size=4,
+                                               **extra)))
+    two = tmp_path / "two"
+    flags = _flags(model, two, planted, tmp_path / "c", per_device_train_batch_size=2, zero_stage=3, **extra)
+    argv = []
+    for k, v in flags.items():
+        argv += [f"--{k}", *(v if isinstance(v, list) else [v])]
+    deepspeed_launch("chatrlhf.training.step2_reward", argv)
+    assert list(_train_losses(two)) == [1, 2, 3, 4, 5]
+    assert _train_losses(two) == pytest.approx(_train_losses(one), abs=2e-4)
+    for key in ("eval/loss", "eval/accuracy", "eval/chosen_score"):
+        assert _evals(two, key)[-1] == pytest.approx(_evals(one, key)[-1], abs=2e-4)
+    # The ZeRO-3 shards were gathered into one plain model.
+    a = AutoModelForSequenceClassification.from_pretrained(one).state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(two).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
