@@ -104,6 +104,9 @@ class PPOConfig:
     hybrid: HybridEngineArgs = group(HybridEngineArgs)
     reward_model_name_or_path: Optional[str] = None
     """The frozen reward model (default: the critic's starting point, as in DeepSpeed-Chat)."""
+    reward_function: Optional[str] = None
+    """A reward function `package.module:callable` taking (prompts, responses) texts, used instead of the reward
+    model (see chatrlhf.training.step3_ppo.rewards)."""
     reference_model_name_or_path: Optional[str] = None
     """The frozen reference model (default: the actor's starting point; with LoRA and --only_optimize_lora the
     actor with adapters disabled, no second copy)."""
@@ -131,8 +134,6 @@ class PPOConfig:
     """Accepted for DeepSpeed-Chat compatibility; fp16 overflow handling is DeepSpeed's own (prefer bf16)."""
     enable_mixed_precision_lora: bool = False
     """DeepSpeed-Chat's MixZ++ quantised frozen weights: not supported."""
-    actor_lora_learning_rate: Optional[float] = None
-    """Learning rate of the actor's LoRA parameters (default: --actor_lora_learning_rate of the group, 5e-4)."""
 
     def __post_init__(self):
         if self.enable_mixed_precision_lora:

@@ -1,0 +1,3 @@
+from chatrlhf.training.step3_ppo.main import main
+
+main()
