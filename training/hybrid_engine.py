@@ -156,12 +156,14 @@ class HybridEngine:
                     module.gradient_checkpointing_disable()
                 if gathered:
                     stack.enter_context(_gathered_without_hooks(self.engine))
-                if merge_lora and self.lora_scaling is not None:
+                # Ungathered ZeRO-3 weights are empty placeholders refilled on every forward: nothing to merge
+                # into, so the adapters run unmerged there.
+                if merge_lora and self.lora_scaling is not None and (self.zero_stage != 3 or gathered):
                     stack.enter_context(_lora_merged(module))
                 stack.enter_context(torch.no_grad())
                 synced = self.zero_stage == 3 and not gathered and dist.get_world_size() > 1
-                yield lambda input_ids, attention_mask, **kw: _generate(module, input_ids, attention_mask,
-                                                                        synced_gpus=synced, **kw)
+                yield lambda input_ids, attention_mask, **kw: generate(module, input_ids, attention_mask,
+                                                                       synced_gpus=synced, **kw)
             finally:
                 stack.close()
                 if checkpointing:
@@ -172,19 +174,20 @@ class HybridEngine:
                     dist.accelerator().empty_cache()
 
 
-def _generate(module, input_ids, attention_mask, *, synced_gpus: bool, max_new_tokens: int, pad_token_id: int,
-              eos_token_id: int, do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-              top_k: int = 0):
+def generate(module, input_ids, attention_mask, *, max_new_tokens: int, pad_token_id: int, eos_token_id: int | None,
+             do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             synced_gpus: bool = False, streamer=None):
     """HF generate with our sampling settings only (a checkpoint's generation_config cannot override them).
 
-    Stops at EOS, no minimum length (DeepSpeed-Chat's forced min_length made answers repeat to the limit)."""
+    The one generation call of the project (training's generation mode, the chatbot, prompt_eval). Stops at
+    EOS, no minimum length (DeepSpeed-Chat's forced min_length made answers repeat to the limit)."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id,
                               eos_token_id=eos_token_id, use_cache=True,
                               **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}))
     return module.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                           synced_gpus=synced_gpus)
+                           synced_gpus=synced_gpus, streamer=streamer)
 
 
 def _zero3_offload(engine):

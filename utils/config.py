@@ -93,7 +93,8 @@ def _str2bool(v: str) -> bool:
 def _add_argument(parser: argparse.ArgumentParser, name: str, tp, default, help_text: str) -> None:
     tp, optional = _unwrap_optional(tp)
     # argparse %-formats help strings: a literal % in a docstring would break --help.
-    kwargs: dict[str, Any] = {"dest": name, "help": f"{help_text} (default: {default})".replace("%", "%%")}
+    shown = "required" if default is dataclasses.MISSING else f"default: {default}"
+    kwargs: dict[str, Any] = {"dest": name, "help": f"{help_text} ({shown})".replace("%", "%%")}
     origin = typing.get_origin(tp)
     if tp is bool:
         # `--flag` alone turns it on (DeepSpeed-Chat's store_true); `--flag false` turns it off.

@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 class RwEvalConfig:
     """Score one prompt's answers, or a JSONL file of them, with a reward model."""
 
-    model_name_or_path: str
-    """A step-2 output folder (or any AutoModelForSequenceClassification with num_labels=1)."""
+    model_name_or_path: str = "output/step2_reward"
+    """A step-2 output folder (or any AutoModelForSequenceClassification with num_labels=1); default: step 2's."""
     prompt: Optional[str] = None
     """The prompt: a user message or a Human/Assistant transcript (with --answers)."""
     answers: list[str] = field(default_factory=list)
@@ -108,8 +108,12 @@ def score_texts(model, tokenizer, prompt, answers: list[str], max_seq_len: int =
     if truncated:
         logger.warning("%d of %d answers were longer than max_seq_len=%d and were truncated", truncated, len(rows),
                        max_seq_len)
-    model.eval()
-    return score_ids(model, rows, tokenizer.pad_token_id, batch_size)
+    was_training = model.training
+    model.eval()  # no dropout noise in scores; the caller's mode is restored
+    try:
+        return score_ids(model, rows, tokenizer.pad_token_id, batch_size)
+    finally:
+        model.train(was_training)
 
 
 def load_reward_model(name_or_path: str, dtype: str = "fp32"):
