@@ -4,10 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from chatrlhf.training.config import EngineArgs, ModelArgs, TrainArgs
+from chatrlhf.training.ds_config import build_ds_config
 from chatrlhf.training.hybrid_engine import DTYPES, HybridEngine, build_engine, training_dtype
 from chatrlhf.utils import distributed as dist
 from chatrlhf.utils.logging import MetricsLogger, setup_logging
 from chatrlhf.utils.models import add_lora, load_model
+
+
+def _zero3_load_config(zero_stage: int, dtype: str) -> dict | None:
+    """What transformers needs to partition weights at load time (zero.Init) under ZeRO-3."""
+    if zero_stage != 3:
+        return None
+    dist.init_distributed()
+    return build_ds_config(zero_stage=3, dtype=dtype, micro_batch_size=1, gradient_accumulation_steps=1,
+                           world_size=dist.get_world_size())
 
 
 def start_run(train: TrainArgs) -> MetricsLogger:
@@ -26,7 +36,8 @@ def build_trained_model(model_args: ModelArgs, engine_args: EngineArgs, tokenize
     """Loads `model_args.model_name_or_path` (with LoRA when asked) into a trainable engine."""
     dtype = training_dtype(engine_args.dtype)
     model = load_model(model_args.model_name_or_path, tokenizer, head=head, dtype=DTYPES[dtype],
-                       dropout=model_args.dropout, gradient_checkpointing=model_args.gradient_checkpointing)
+                       dropout=model_args.dropout, gradient_checkpointing=model_args.gradient_checkpointing,
+                       zero3_config=_zero3_load_config(model_args.zero_stage, dtype))
     if model_args.lora_dim > 0:
         model = add_lora(model, dim=model_args.lora_dim, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
                          module_name=model_args.lora_module_name, only_optimize_lora=engine_args.only_optimize_lora,
@@ -45,6 +56,7 @@ def build_frozen_model(name_or_path: str, tokenizer, *, head: str, zero_stage: i
                        offload: bool = False) -> HybridEngine:
     """A model that is only evaluated (reference, reward): sharded by ZeRO-3 when asked, never optimised."""
     dtype = training_dtype(dtype)
-    model = load_model(name_or_path, tokenizer, head=head, dtype=DTYPES[dtype], dropout=0.0)
+    model = load_model(name_or_path, tokenizer, head=head, dtype=DTYPES[dtype], dropout=0.0,
+                       zero3_config=_zero3_load_config(zero_stage, dtype))
     return build_engine(model, zero_stage=zero_stage, dtype=dtype, micro_batch_size=1, offload=offload,
                         trainable=False)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from chatrlhf.utils import distributed as dist
+from chatrlhf.utils.config import save_config
 
 LATEST = "latest"
 
@@ -38,8 +39,9 @@ def set_rng_state(state: dict) -> None:
         dist.accelerator().set_rng_state(state["accelerator"])
 
 
-def save(output_dir: str | Path, step: int, engines: dict, trainer_state: dict, keep: int = 2) -> Path:
-    """Writes checkpoint `step_<step>` collectively (every rank calls this) and prunes to the newest `keep`."""
+def save(output_dir: str | Path, step: int, engines: dict, trainer_state: dict, keep: int = 2, config=None) -> Path:
+    """Writes checkpoint `step_<step>` collectively (every rank calls this) and prunes to the newest `keep`.
+    `config`, the run's resolved config, is written next to it."""
     root = checkpoint_root(output_dir)
     path = root / f"step_{step}"
     for name, engine in engines.items():
@@ -48,6 +50,8 @@ def save(output_dir: str | Path, step: int, engines: dict, trainer_state: dict, 
     torch.save(rng_state(), path / f"rng_{dist.get_rank()}.pt")
     if dist.is_main_process():
         (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        if config is not None:
+            save_config(config, path)
     dist.barrier()  # every rank's files are on disk before `latest` moves
     if dist.is_main_process():
         tmp = root / f".{LATEST}.tmp"

@@ -59,8 +59,9 @@ class LoopState:
 
 
 def fit(engine, train_dataset, collate_fn, args: TrainArgs, *, loss_fn: Callable, evaluate: Callable,
-        gradient_accumulation_steps: int, logger: MetricsLogger, desc: str) -> dict:
-    """Trains `engine` on `train_dataset`; returns the last evaluation metrics."""
+        gradient_accumulation_steps: int, logger: MetricsLogger, desc: str, config=None) -> dict:
+    """Trains `engine` on `train_dataset`; returns the last evaluation metrics. `config` (the step's resolved
+    config) is saved next to each checkpoint."""
     total_steps = total_optimizer_steps(len(train_dataset), args, gradient_accumulation_steps)
     state = LoopState()
     resumed = checkpoint.latest(args.output_dir) if args.resume else None
@@ -99,7 +100,8 @@ def fit(engine, train_dataset, collate_fn, args: TrainArgs, *, loss_fn: Callable
             if args.eval_interval and state.step % args.eval_interval == 0 and state.step < total_steps:
                 logger.log(state.step, evaluate(engine))
             if args.save_interval and state.step % args.save_interval == 0 and state.step < total_steps:
-                checkpoint.save(args.output_dir, state.step, {"model": engine}, vars(state), keep=args.save_total_limit)
+                checkpoint.save(args.output_dir, state.step, {"model": engine}, vars(state), keep=args.save_total_limit,
+                                config=config)
             if state.step >= total_steps:
                 break
         else:

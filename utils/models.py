@@ -52,10 +52,12 @@ def configure_dropout(config, dropout: float | None) -> None:
 
 
 def load_model(name_or_path: str, tokenizer, *, head: str = "causal_lm", dtype: torch.dtype = torch.float32,
-               dropout: float | None = None, gradient_checkpointing: bool = False):
+               dropout: float | None = None, gradient_checkpointing: bool = False, zero3_config: dict | None = None):
     """An HF model for training: `head` is "causal_lm" or "score" (a scalar head: reward model or critic).
 
     A "score" model loads from a causal-LM checkpoint too (the head is then freshly initialised).
+    `zero3_config` (a ZeRO-3 DeepSpeed config) partitions the weights while loading, so each rank holds only
+    its shard in memory instead of a full copy (DeepSpeed-Chat loaded full checkpoints on every rank).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -71,6 +73,11 @@ def load_model(name_or_path: str, tokenizer, *, head: str = "causal_lm", dtype: 
         cls, config.num_labels = AutoModelForSequenceClassification, 1
     else:
         raise ValueError(f"head must be causal_lm or score, got {head!r}")
+    zero3 = None
+    if zero3_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(zero3_config)  # must stay alive while loading: transformers holds a weakref
     model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -78,12 +85,25 @@ def load_model(name_or_path: str, tokenizer, *, head: str = "causal_lm", dtype: 
     model.config.pad_token_id = tokenizer.pad_token_id
     if head == "score" and any(k.startswith("score.") for k in info["missing_keys"]):
         # A fresh head: std 1/sqrt(d+1) keeps initial scores O(1) (lm-human-preference-details' reward head).
-        with torch.no_grad():
-            model.score.weight.normal_(0.0, 1.0 / (model.config.hidden_size + 1) ** 0.5)
+        _init_head(model.score.weight, 1.0 / (model.config.hidden_size + 1) ** 0.5, partitioned=zero3 is not None)
+    del zero3
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+@torch.no_grad()
+def _init_head(weight: torch.Tensor, std: float, partitioned: bool) -> None:
+    if not partitioned:
+        weight.normal_(0.0, std)
+        return
+    import deepspeed
+    import torch.distributed as dist
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+        if dist.get_rank() == 0:
+            weight.normal_(0.0, std)
 
 
 def lora_target_modules(model, module_name: str | None) -> list[str]:

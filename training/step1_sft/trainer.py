@@ -56,4 +56,5 @@ def train(engine, data, collate_fn, cfg, logger) -> dict:
                loss_fn=lambda e, b: sft_loss(e, b, fp32),
                evaluate=lambda e: evaluate(e, data.eval, collate_fn, cfg.train.per_device_eval_batch_size,
                                            cfg.train.eval_iters, fp32),
-               gradient_accumulation_steps=cfg.engine.gradient_accumulation_steps, logger=logger, desc="step 1 SFT")
+               gradient_accumulation_steps=cfg.engine.gradient_accumulation_steps, logger=logger, desc="step 1 SFT",
+               config=cfg)

@@ -63,4 +63,4 @@ def train(engine, data, collate_fn, cfg, logger) -> dict:
                evaluate=lambda e: evaluate(e, data.eval, collate_fn, cfg.train.per_device_eval_batch_size,
                                            cfg.train.eval_iters, margin, center),
                gradient_accumulation_steps=cfg.engine.gradient_accumulation_steps, logger=logger,
-               desc="step 2 reward model")
+               desc="step 2 reward model", config=cfg)

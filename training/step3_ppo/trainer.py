@@ -222,7 +222,8 @@ def train(models: Models, prompt_loader_for, eval_loader, cfg, logger, total_ste
                 logger.log(state.step, evaluate(models, eval_loader, cfg, run.eval_iters))
             if run.save_interval and state.step % run.save_interval == 0 and state.step < total_steps:
                 state.score_moments = moments.state_dict() if moments is not None else None
-                path = checkpoint.save(run.output_dir, state.step, engines, asdict(state), keep=run.save_total_limit)
+                path = checkpoint.save(run.output_dir, state.step, engines, asdict(state), keep=run.save_total_limit,
+                                       config=cfg)
                 if models.ema is not None:
                     models.ema.save(path)
         else:

@@ -53,7 +53,7 @@ def _evals(out) -> list[float]:
 def test_loss_goes_down_on_real_records_and_saves_hf_model(tiny_model_dir, real_records, tmp_path):
     out = tmp_path / "sft"
     cfg = from_flat(SFTConfig, _flags(tiny_model_dir("llama"), out, real_records, tmp_path / "cache",
-                                      num_train_epochs=6, eval_fraction=0.1))
+                                      num_train_epochs=6, eval_fraction=0.1, enable_tensorboard=True))
     metrics = sft_main.run(cfg)
     evals = _evals(out)
     assert evals[-1] < evals[0] - 0.5, evals  # held-out loss drops clearly from the random start
@@ -64,6 +64,7 @@ def test_loss_goes_down_on_real_records_and_saves_hf_model(tiny_model_dir, real_
     assert (out / "model.safetensors").is_file() and tok.pad_token_id != tok.eos_token_id
     assert load_config(SFTConfig, out) == cfg
     assert model.config.pad_token_id == tok.pad_token_id
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
 @pytest.mark.parametrize("family", ["opt", "gpt2", "qwen2", "gpt_neox", "bloom"])
@@ -146,6 +147,7 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_model_
     with pytest.raises(Crash):
         sft_main.run(cfg)
     assert checkpoint.latest(resumed).name == "step_4"
+    assert load_config(SFTConfig, checkpoint.latest(resumed)) == cfg  # the resolved config sits next to it
     monkeypatch.setattr(trainer, "sft_loss", real_loss)
     sft_main.run(cfg)
 
@@ -197,3 +199,18 @@ def test_two_ranks_zero3_match_one_process(tiny_model_dir, real_records, tmp_pat
     deepspeed_launch(str(REPO / "training" / "step1_sft" / "main.py"), argv)
     assert _train_losses(two) == pytest.approx(_train_losses(one), abs=2e-4)
     assert _evals(two)[-1] == pytest.approx(_evals(one)[-1], abs=2e-4)
+
+
+def test_zero3_loads_each_rank_a_shard(tiny_model_dir):
+    """Under ZeRO-3 the weights are partitioned while loading (zero.Init), not loaded whole then split."""
+    from chatrlhf.training.builders import build_trained_model
+    from chatrlhf.training.config import EngineArgs, ModelArgs
+    from chatrlhf.utils.models import load_tokenizer
+
+    path = str(tiny_model_dir("llama"))
+    engine = build_trained_model(ModelArgs(model_name_or_path=path, zero_stage=3), EngineArgs(dtype="fp32"),
+                                 load_tokenizer(path), head="causal_lm", micro_batch_size=1, total_steps=1)
+    params = list(engine.module.parameters())
+    assert all(hasattr(p, "ds_id") for p in params)
+    big = [p for p in params if p.ds_numel > 1e4]  # above the persistence threshold: released between uses
+    assert big and all(p.numel() == 0 for p in big)

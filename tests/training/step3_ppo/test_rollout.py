@@ -1,0 +1,214 @@
+"""Rollouts (chatrlhf.training.step3_ppo.rollout and the trainer's make_rollout / shape_and_estimate): masks,
+batching, score placement, re-tokenisation for a reward model with another tokenizer, eval-mode scoring, and
+every sampled row kept."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from chatrlhf.training.data.render import encode_prompt, encode_response
+from chatrlhf.training.hybrid_engine import build_engine
+from chatrlhf.training.step3_ppo import trainer
+from chatrlhf.training.step3_ppo.config import PPOConfig
+from chatrlhf.training.step3_ppo.rollout import (Rollout, concat, generate, response_mask, retokenize_for_reward,
+                                                 score)
+from chatrlhf.utils.config import from_flat
+from chatrlhf.utils.models import load_model, load_tokenizer
+
+EOS = 9
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def with_pad(tokenizer):
+    """The fixtures' tokenizers have no pad token; load_tokenizer's policy picks the unk/bos token."""
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = tok.unk_token
+    return tok
+
+
+# ------------------------------------------------------------------------------------ masks and batching
+
+def test_response_mask_counts_up_to_and_including_the_first_eos():
+    responses = torch.tensor([[5, 6, EOS, 7, EOS],   # EOS in the middle: the tokens after it are padding
+                              [EOS, 1, 1, 1, 1],     # an empty answer: just the EOS
+                              [5, 6, 7, 8, 4],       # no EOS (hit the length limit)
+                              [5, 6, 7, 8, EOS]])    # EOS last
+    mask, has_eos = response_mask(responses, EOS)
+    assert mask.dtype == torch.float32
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert has_eos.tolist() == [True, True, False, True]
+
+
+def rollout(B: int, P: int, R: int, seed: int, lengths: list[int]) -> Rollout:
+    g = torch.Generator().manual_seed(seed)
+    action_mask = torch.tensor([[1.0] * n + [0.0] * (R - n) for n in lengths])
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, 0] = 0  # a left-padded prompt
+    return Rollout(sequences=torch.randint(10, 100, (B, P + R), generator=g),
+                   attention_mask=torch.cat([prompt_mask, action_mask.long()], 1), action_mask=action_mask,
+                   logprobs=-torch.rand(B, R, generator=g), ref_logprobs=-torch.rand(B, R, generator=g),
+                   values=torch.randn(B, R, generator=g), scores=torch.randn(B, generator=g), prompt_len=P)
+
+
+def test_select_takes_the_same_rows_of_every_tensor():
+    r = rollout(4, 3, 5, 0, [5, 2, 1, 4])
+    r.advantages = torch.randn(4, 5)
+    mb = r.select(torch.tensor([3, 1]))
+    assert mb.prompt_len == 3 and mb.returns is None and mb.rewards is None
+    for name in ("sequences", "attention_mask", "action_mask", "logprobs", "ref_logprobs", "values", "advantages"):
+        assert torch.equal(getattr(mb, name), getattr(r, name)[[3, 1]]), name
+    assert torch.equal(mb.scores, r.scores[[3, 1]]) and torch.equal(mb.responses, r.responses[[3, 1]])
+
+
+def test_concat_repads_prompts_on_the_left_and_responses_on_the_right():
+    a, b = rollout(2, 3, 5, 0, [5, 2]), rollout(3, 6, 2, 1, [1, 2, 2])
+    assert concat([a], pad_id=0) is a
+    c = concat([a, b], pad_id=0)
+    assert c.prompt_len == 6 and c.sequences.shape == (5, 11) and c.attention_mask.shape == (5, 11)
+    for name in ("action_mask", "logprobs", "ref_logprobs", "values"):
+        assert getattr(c, name).shape == (5, 5), name
+    assert c.scores.tolist() == a.scores.tolist() + b.scores.tolist()
+    # a's prompts moved right by 3 (left padding), its responses stay aligned at the prompt boundary.
+    assert torch.equal(c.sequences[:2, 3:], a.sequences) and (c.sequences[:2, :3] == 0).all()
+    assert torch.equal(c.attention_mask[:2, 3:], a.attention_mask) and (c.attention_mask[:2, :3] == 0).all()
+    assert torch.equal(c.responses[:2], a.responses)
+    # b's responses padded on the right: masked out, zero log-probs and values there.
+    assert torch.equal(c.sequences[2:, :8], b.sequences) and torch.equal(c.responses[2:, :2], b.responses)
+    assert (c.action_mask[2:, 2:] == 0).all() and (c.attention_mask[2:, 8:] == 0).all()
+    assert (c.values[2:, 2:] == 0).all() and (c.logprobs[2:, 2:] == 0).all()
+    assert torch.equal(c.action_mask[2:, :2], b.action_mask) and torch.equal(c.values[2:, :2], b.values)
+
+
+def test_the_score_lands_on_each_rows_last_counted_token():
+    cfg = from_flat(PPOConfig, {"kl_coef": 0.0, "score_clip": None, "whiten_advantages": False, "lam": 1.0})
+    r = rollout(4, 3, 5, 0, [3, 1, 5, 5])
+    stats = trainer.shape_and_estimate(r, cfg, kl_coef=0.0, moments=None)
+    expected = torch.zeros(4, 5)
+    for row, last in enumerate([2, 0, 4, 4]):
+        expected[row, last] = r.scores[row]
+    torch.testing.assert_close(r.rewards, expected)
+    assert (r.advantages[r.action_mask == 0] == 0).all() and (r.returns[r.action_mask == 0] == 0).all()
+    # gamma = lam = 1, no KL: every counted token's return is the row's score.
+    torch.testing.assert_close(r.returns, r.scores[:, None] * r.action_mask)
+    assert stats["ppo/response_length"].item() == pytest.approx(3.5)
+    assert stats["objective/scores"].item() == pytest.approx(r.scores.mean().item())
+
+    # With a KL penalty the score still sits at the last token, the penalty on every counted token.
+    r = rollout(4, 3, 5, 0, [3, 1, 5, 5])
+    cfg = from_flat(PPOConfig, {"kl_coef": 0.1, "score_clip": None})
+    trainer.shape_and_estimate(r, cfg, kl_coef=0.1, moments=None)
+    kl = (r.logprobs - r.ref_logprobs) * r.action_mask
+    torch.testing.assert_close(r.rewards, expected - 0.1 * kl)
+
+
+# ------------------------------------------------------------------------------------ re-tokenisation
+
+def test_retokenize_for_reward_gives_the_reward_tokenizers_own_rendering(tokenizer, plain_tokenizer):
+    actor_tok, reward_tok = with_pad(tokenizer), with_pad(plain_tokenizer)  # ChatML (eos <|im_end|>) vs plain
+    messages = [[{"role": "user", "content": "how are you?"}], [{"role": "user", "content": "the quick fox"}]]
+    answers = ["I am fine, thanks.", "jumps over the lazy dog"]
+    rows = [encode_response(actor_tok, answers[0]),                  # ends with the actor's EOS
+            encode_response(actor_tok, answers[1])[:-1]]             # cut at the length limit: no EOS
+    R = max(map(len, rows)) + 2
+    responses = torch.tensor([r + [actor_tok.pad_token_id] * (R - len(r)) for r in rows])
+    action_mask, has_eos = response_mask(responses, actor_tok.eos_token_id)
+    ids, mask = retokenize_for_reward(messages, responses, action_mask, has_eos, actor_tok, reward_tok,
+                                      torch.device("cpu"))
+    expected = [encode_prompt(reward_tok, messages[0]) + encode_response(reward_tok, answers[0]),
+                encode_prompt(reward_tok, messages[1]) + encode_response(reward_tok, answers[1])[:-1]]
+    for row, want in enumerate(expected):
+        n = int(mask[row].sum())
+        assert ids[row, :n].tolist() == want and (mask[row, n:] == 0).all()  # right-padded
+    text = reward_tok.decode(ids[0, :int(mask[0].sum())])
+    assert text == "\n\nHuman: how are you?\n\nAssistant: I am fine, thanks.</s>"
+    assert "<|im_start|>" not in text and reward_tok.eos_token_id not in ids[1, :int(mask[1].sum())].tolist()
+
+
+# ------------------------------------------------------------------------------------ scoring and make_rollout
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    """Actor and critic with dropout 0.5 (ZeRO 0), a frozen reference: HybridEngines as the trainer builds them."""
+    path = str(tiny_model_dir("llama"))
+    tok = load_tokenizer(path, padding_side="left")
+
+    def engine(head, trainable, dropout):
+        model = load_model(path, tok, head=head, dropout=dropout)
+        return build_engine(model, zero_stage=0, dtype="fp32", micro_batch_size=2, learning_rate=1e-3,
+                            trainable=trainable)
+
+    return dict(tok=tok, actor=engine("causal_lm", True, 0.5), critic=engine("score", True, 0.5),
+                ref=engine("causal_lm", False, 0.0))
+
+
+def test_old_logprobs_and_values_are_computed_without_dropout(models):
+    tok, actor, critic, ref = models["tok"], models["actor"], models["critic"], models["ref"]
+    enc = tok(["hello there", "The quick brown fox"], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    sequences, action_mask, _ = generate(actor, enc["input_ids"], enc["attention_mask"], tokenizer=tok,
+                                         sampling=dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0),
+                                         max_new_tokens=6)
+    reward = lambda prompts, responses: [0.5] * len(responses)  # noqa: E731
+    texts = (["p", "q"], ["a", "b"])
+    passes = []
+    for _ in range(2):
+        actor.train()
+        critic.train()
+        passes.append(score(actor, ref, critic, reward, sequences, enc["attention_mask"], action_mask,
+                            temperature=1.0, reward_inputs=texts))
+    for key in ("logprobs", "ref_logprobs", "values", "scores"):
+        assert torch.equal(passes[0][key], passes[1][key]), key
+    assert passes[0]["logprobs"].shape == action_mask.shape == passes[0]["values"].shape
+    # ...while in training mode the same forward is noisy: dropout 0.5 is really there.
+    actor.train()
+    mask = torch.cat([enc["attention_mask"], action_mask.long()], 1)
+    with torch.no_grad():
+        a, b = (actor(input_ids=sequences, attention_mask=mask).logits for _ in range(2))
+    assert not torch.equal(a, b)
+
+
+def test_make_rollout_keeps_every_row_and_masks_short_and_unfinished_answers(models):
+    """Row 0 answers with EOS at once (empty answer), row 1 never emits EOS: both stay, with the right masks."""
+    tok, actor = copy.deepcopy(models["tok"]), models["actor"]
+    enc = tok(["hello there", "The quick brown fox"], return_tensors="pt", padding=True)
+    R = 5
+    with actor.generation() as gen:
+        free = gen(enc["input_ids"], enc["attention_mask"], max_new_tokens=R, pad_token_id=tok.pad_token_id,
+                   eos_token_id=tok.eos_token_id, do_sample=False)[:, enc["input_ids"].size(1):]
+    first = int(free[0, 0])
+    assert first not in free[1].tolist(), free  # the random model's greedy rows differ
+    # Make row 0's first greedy token the EOS: row 0's answer is just the EOS, row 1 reaches the limit.
+    tok.eos_token = tok.convert_ids_to_tokens(first)
+    assert tok.eos_token_id == first != tok.pad_token_id
+    seen = {}
+
+    def reward(prompts, responses):
+        seen.update(prompts=prompts, responses=responses)
+        return [1.0, 2.0]
+
+    m = trainer.Models(actor=actor, critic=models["critic"], ref=models["ref"], reward=reward, tokenizer=tok,
+                       reward_tokenizer=None)
+    cfg = from_flat(PPOConfig, {"max_answer_seq_len": R, "do_sample": False, "missing_eos_penalty": -3.0})
+    timings = {}
+    r = trainer.make_rollout(m, enc, cfg, timings)
+    P = enc["input_ids"].size(1)
+    assert r.sequences.shape == (2, P + R) and r.prompt_len == P
+    for name in ("action_mask", "logprobs", "ref_logprobs", "values"):
+        assert getattr(r, name).shape == (2, R), name
+    assert r.action_mask.tolist() == [[1, 0, 0, 0, 0], [1] * R]
+    assert torch.equal(r.attention_mask, torch.cat([enc["attention_mask"], r.action_mask.long()], 1))
+    assert len(seen["prompts"]) == len(seen["responses"]) == 2  # the reward function saw both answers
+    assert r.scores.tolist() == [1.0, -3.0]  # the EOS-less answer gets --missing_eos_penalty instead of its score
+    assert set(timings) == {"generation", "scoring"}
+    stats = trainer.shape_and_estimate(r, cfg, kl_coef=cfg.ppo.kl_coef, moments=None)
+    assert stats["ppo/response_length"].item() == pytest.approx((1 + R) / 2)
+    assert torch.isfinite(r.advantages).all() and (r.advantages[0, 1:] == 0).all()

@@ -1,0 +1,225 @@
+"""The hybrid engine's contract (training/hybrid_engine.py): greedy output through `generation()` equals plain
+`generate` on the same weights (ZeRO 0 and 3, with and without LoRA, gathered or not, one rank and two), leaving
+generation mode restores everything (also after an exception), and training calls are refused where they must be."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from chatrlhf.training.hybrid_engine import build_engine
+from chatrlhf.utils.models import add_lora, load_model, load_tokenizer
+
+TWO_RANKS_SCRIPT = Path(__file__).resolve().parent / "_he_two_ranks.py"
+PROMPTS = ["hello there", "The quick brown fox jumps", "how can I help?"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they oversubscribe it.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny llama with weights re-drawn at std 0.3: its greedy answers vary from token to token (the
+    0.02-std initialisation repeats one token), so a wrong cache, mask or position shows up in the output."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    out = tmp_path_factory.mktemp("diverse-llama")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir("llama")).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero3_config(tmp_path_factory) -> str:
+    """Every parameter partitioned: by default ZeRO-3 keeps tensors under 1e4 elements whole on each rank, which
+    is all of the tiny model but its embedding."""
+    path = tmp_path_factory.mktemp("ds") / "zero3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return load_tokenizer(str(model_dir), padding_side="left")
+
+
+def make(model_dir, zero_stage: int, zero3_config: str, *, lora: bool = False, gradient_checkpointing: bool = False,
+         trainable: bool = True):
+    """(engine, plain copy of the same weights) for one model."""
+    tok = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), tok, gradient_checkpointing=gradient_checkpointing)
+    if lora:
+        model = add_lora(model, dim=4, alpha=8, dropout=0.0, module_name=None, only_optimize_lora=False)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero, where LoRA would change nothing
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    plain = copy.deepcopy(model).eval()
+    engine = build_engine(model, zero_stage=zero_stage, dtype="fp32", micro_batch_size=2, learning_rate=1e-2,
+                          trainable=trainable, user_config_path=zero3_config if zero_stage == 3 else None)
+    return engine, plain
+
+
+def greedy(model, tok, enc, max_new_tokens: int, eos: int) -> torch.Tensor:
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=eos)
+    with torch.no_grad():
+        return model.generate(**enc, generation_config=config)
+
+
+def full_weights(engine) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in engine.full_state_dict().items()}
+
+
+def train_step(engine, tok) -> torch.Tensor:
+    engine.train()
+    batch = tok(["a short training text", "and another"], return_tensors="pt", padding=True)
+    loss = engine(**batch, labels=batch["input_ids"]).loss
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("zero_stage,lora", [(0, False), (0, True), (3, False), (3, True)],
+                         ids=["zero0", "zero0-lora", "zero3", "zero3-lora"])
+def test_greedy_generation_equals_plain_generate_and_leaves_weights_bit_identical(model_dir, zero3_config, tok,
+                                                                                   zero_stage, lora):
+    engine, plain = make(model_dir, zero_stage, zero3_config, lora=lora)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    P = enc["input_ids"].size(1)
+    # An EOS that the first prompt's answer reaches after a few tokens: rows end at different lengths.
+    eos = int(greedy(plain, tok, enc, 12, tok.eos_token_id)[0, P + 2])
+    expected = greedy(plain, tok, enc, 12, eos)
+    ends = [(row == eos).nonzero()[:1].flatten().tolist() for row in expected[:, P:]]
+    assert ends[0] and ends[0][0] <= 2 and not all(ends), ends
+    if lora:  # the adapters matter: without them the answers differ
+        with plain.disable_adapter():
+            assert not torch.equal(greedy(plain, tok, enc, 12, eos), expected)
+    before = full_weights(engine)
+    for gather in (True, False):  # gather=False: DeepSpeed-Chat's --unpin_actor_parameters
+        with engine.generation(gather=gather) as gen:
+            out = gen(enc["input_ids"], enc["attention_mask"], max_new_tokens=12, pad_token_id=tok.pad_token_id,
+                      eos_token_id=eos, do_sample=False)
+        assert torch.equal(out, expected), (gather, out[:, P:], expected[:, P:])
+        after = full_weights(engine)  # the LoRA merge was undone exactly, not by subtraction
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_inside_generation_mode(model_dir, zero3_config, tok):
+    """Entering: eval mode, checkpointing off, ZeRO-3 parameters whole with the fetch hooks off, LoRA merged."""
+    engine, plain = make(model_dir, 3, zero3_config, lora=True, gradient_checkpointing=True)
+    module, offload = engine.module, engine.engine.optimizer.parameter_offload
+    hooks = len(offload.forward_hooks)
+    params = list(module.parameters())
+    assert hooks > 0 and module.training and module.is_gradient_checkpointing
+    assert all(p.numel() == 0 for p in params)  # partitioned
+    q_proj = module.get_base_model().model.layers[0].self_attn.q_proj
+    plain_q = plain.get_base_model().model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        merged = plain_q.base_layer.weight + plain_q.get_delta_weight("default")
+    with engine.generation() as gen:
+        assert engine.mode == "generate" and not module.training and not module.is_gradient_checkpointing
+        assert all(p.shape == p.ds_shape for p in params) and offload.forward_hooks == []
+        torch.testing.assert_close(q_proj.base_layer.weight, merged)
+        gen(*tok(PROMPTS[:1], return_tensors="pt").values(), max_new_tokens=2, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, do_sample=False)
+    assert engine.mode == "train" and module.training and module.is_gradient_checkpointing
+    assert all(p.numel() == 0 for p in params) and len(offload.forward_hooks) == hooks
+
+
+def test_mode_restored_after_an_exception_and_training_works(model_dir, zero3_config, tok):
+    engine, _ = make(model_dir, 3, zero3_config, lora=True, gradient_checkpointing=True)
+    module, offload = engine.module, engine.engine.optimizer.parameter_offload
+    hooks = len(offload.forward_hooks)
+    before = full_weights(engine)
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with engine.generation() as gen:
+            gen(*tok(PROMPTS[:2], return_tensors="pt", padding=True).values(), max_new_tokens=3,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, do_sample=False)
+            raise Boom
+    assert engine.mode == "train" and module.training and module.is_gradient_checkpointing
+    assert len(offload.forward_hooks) == hooks and all(p.numel() == 0 for p in module.parameters())
+    after = full_weights(engine)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the LoRA merge was undone
+    # Training works: ZeRO-3 fetches parameters again, gradients flow, the optimizer moves the weights.
+    losses = [train_step(engine, tok) for _ in range(3)]
+    assert all(torch.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    trained = full_weights(engine)
+    assert any(not torch.equal(trained[k], before[k]) for k in before)
+
+    # An engine that was in eval mode goes back to eval mode.
+    engine.eval()
+    with pytest.raises(Boom):
+        with engine.generation():
+            raise Boom
+    assert engine.mode == "train" and not module.training
+
+
+def test_training_calls_and_nesting_are_refused_in_generation_mode(model_dir, zero3_config, tok):
+    engine, _ = make(model_dir, 0, zero3_config)
+    batch = tok(["a short training text"], return_tensors="pt")
+    loss = engine(**batch, labels=batch["input_ids"]).loss
+    with engine.generation():
+        with pytest.raises(RuntimeError, match="backward.*generation mode"):
+            engine.backward(loss)
+        with pytest.raises(RuntimeError, match="step.*generation mode"):
+            engine.step()
+        with pytest.raises(RuntimeError, match="train.*generation mode"):
+            engine.train()
+        with pytest.raises(RuntimeError, match="already in generation mode"):
+            with engine.generation():
+                pass
+        assert engine.mode == "generate"  # the refused nested entry did not leave generation mode
+    engine.backward(loss)  # allowed again outside
+    engine.step()
+
+
+def test_a_frozen_engine_refuses_backward_and_step(model_dir, zero3_config, tok):
+    engine, plain = make(model_dir, 0, zero3_config, trainable=False)
+    assert not engine.module.training and not any(p.requires_grad for p in engine.module.parameters())
+    batch = tok(["a short text"], return_tensors="pt")
+    loss = plain(**batch, labels=batch["input_ids"]).loss
+    with pytest.raises(RuntimeError, match="backward.*frozen"):
+        engine.backward(loss)
+    with pytest.raises(RuntimeError, match="step.*frozen"):
+        engine.step()
+    with engine.generation() as gen:  # it can still generate
+        gen(batch["input_ids"], batch["attention_mask"], max_new_tokens=2, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, do_sample=False)
+
+
+@pytest.mark.distributed
+def test_two_ranks_zero3_match_plain_generate_when_ranks_finish_at_different_lengths(model_dir, zero3_config,
+                                                                                     tmp_path, deepspeed_launch):
+    deepspeed_launch(str(TWO_RANKS_SCRIPT), ["--model", model_dir, "--out", tmp_path, "--zero_config", zero3_config],
+                     timeout=300)  # a hang fails here
+    ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() == {f"lora={lora},gather={g}" for lora in (0, 1) for g in (0, 1)}
+    for case in ranks[0]:
+        r0, r1 = ranks[0][case], ranks[1][case]
+        assert r0["equal"] and r1["equal"], (case, r0, r1)
+        # Different prompts, batch sizes, limits and EOS rows: the ranks left generate at different lengths.
+        assert max(r0["response_lengths"]) == 5 and max(r1["response_lengths"]) == 14, case
+        assert min(r0["response_lengths"]) < 5 and min(r1["response_lengths"]) < 14, case
+        assert r0["training"] and r1["training"] and r0["loss"] == pytest.approx(r1["loss"])
+    # LoRA changes the answers (its B matrices are not zero here).
+    assert ranks[1]["lora=1,gather=1"]["hybrid"] != ranks[1]["lora=0,gather=1"]["hybrid"]
