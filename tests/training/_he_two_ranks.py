@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
 from chatrlhf.training.hybrid_engine import build_engine
 from chatrlhf.utils import distributed as dist
@@ -29,10 +28,9 @@ MAX_NEW_TOKENS = {0: 5, 1: 14}
 
 
 def greedy(model, tok, enc, max_new_tokens: int, eos: int) -> torch.Tensor:
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                              eos_token_id=eos)
     with torch.no_grad():
-        return model.generate(**enc, generation_config=config)
+        return model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=eos)
 
 
 def run_case(model_dir: str, tok, zero_config: str, lora: bool, gather: bool) -> dict:

@@ -60,7 +60,11 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
     collate = PromptCollator(tokenizer)
     gen_bs, train_bs, p = cfg.per_device_generation_batch_size, cfg.per_device_training_batch_size, cfg.ppo
     batches_per_epoch = math.ceil(len(data.train) / (gen_bs * dist.get_world_size()))
-    total_steps = max(batches_per_epoch // p.generation_batches, 1) * cfg.run.num_train_epochs
+    if batches_per_epoch < p.generation_batches:  # no PPO step could ever be collected: the loop would spin
+        raise ValueError(f"--generation_batches {p.generation_batches} needs as many prompt batches per rank and "
+                         f"epoch, but {len(data.train)} training prompts make {batches_per_epoch} of "
+                         f"--per_device_generation_batch_size {gen_bs}")
+    total_steps = (batches_per_epoch // p.generation_batches) * cfg.run.num_train_epochs
     if cfg.run.max_steps > 0:
         total_steps = min(total_steps, cfg.run.max_steps)
     optimizer_steps = total_steps * math.ceil(gen_bs * p.generation_batches / train_bs) * p.ppo_epochs

@@ -36,6 +36,7 @@ class PPOState:
     batch_in_epoch: int = 0  # prompt batches of `epoch` consumed
     kl_coef: float = 0.0
     score_moments: dict | None = None
+    ptx_batches: int = 0     # pretraining-mix batches consumed
 
 
 # ---- 1-2. rollout and scoring ---------------------------------------------------------------------------
@@ -181,6 +182,8 @@ def train(models: Models, prompt_loader_for, eval_loader, cfg, logger, total_ste
         print0(f"resumed from {resumed} at PPO step {state.step}")
     else:
         logger.log(0, evaluate(models, eval_loader, cfg, run.eval_iters))
+    if ptx_batches is not None:
+        ptx_batches = _counted(ptx_batches, state)
 
     bar = progress(total_steps, "step 3 PPO", initial=state.step)
     while state.step < total_steps:
@@ -233,6 +236,15 @@ def train(models: Models, prompt_loader_for, eval_loader, cfg, logger, total_ste
     final = evaluate(models, eval_loader, cfg, run.eval_iters)
     logger.log(state.step, final)
     return final
+
+
+def _counted(batches, state: PPOState):
+    """The pretraining-mix stream moved past the batches a resumed run already used, and counted into `state`."""
+    for _ in range(state.ptx_batches):
+        next(batches)
+    for batch in batches:
+        state.ptx_batches += 1
+        yield batch
 
 
 def _print_answer(r: Rollout, tokenizer) -> None:

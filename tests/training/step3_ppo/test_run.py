@@ -75,7 +75,7 @@ def _argv(flags: dict) -> list[str]:
         if isinstance(v, bool):
             argv += [f"--{k}"] if v else []
         else:
-            argv += [f"--{k}", *(v if isinstance(v, list) else [v])]
+            argv += [f"--{k}", *map(str, v if isinstance(v, list) else [v])]
     return argv
 
 
@@ -152,8 +152,12 @@ class Crash(RuntimeError):
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_model_dir, tmp_path, monkeypatch):
     model = tiny_model_dir("llama")
     data = write_prompts(tmp_path / "small.jsonl", 32, seed=1)  # 24 training prompts: 3 batches per epoch
+    rng = random.Random(2)
+    text = tmp_path / "mix.txt"  # a pretraining mix: its position in the stream is PPO state too
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(200)))
     extra = dict(max_steps=5, num_train_epochs=2, save_interval=2, adaptive_kl=True, target_kl=0.01, kl_horizon=100,
-                 enable_ema=True, ema_beta=0.9, actor_dropout=0.1)  # dropout: the RNG state must be restored too
+                 enable_ema=True, ema_beta=0.9, unsupervised_dataset_name=str(text), unsup_coef=0.5,
+                 actor_dropout=0.1)  # dropout: the RNG state must be restored too
     straight = tmp_path / "straight"
     ppo_main.run(from_flat(PPOConfig, _flags(model, straight, data, tmp_path / "c", **extra)),
                  reward_fn=vowel_fraction)
@@ -241,6 +245,14 @@ def test_unsupported_flags_are_refused(flag, value, message, capsys):
     assert flag in capsys.readouterr().err
 
 
+def test_more_generation_batches_than_an_epoch_holds_are_refused(tiny_model_dir, tmp_path):
+    data = write_prompts(tmp_path / "small.jsonl", 32)  # 24 training prompts: 3 batches of 8
+    cfg = from_flat(PPOConfig, _flags(tiny_model_dir("llama"), tmp_path / "out", data, tmp_path / "cache",
+                                      generation_batches=4, per_device_training_batch_size=8))
+    with pytest.raises(ValueError, match="--generation_batches 4 needs .* 24 training prompts make 3"):
+        ppo_main.run(cfg, reward_fn=vowel_fraction)
+
+
 def test_a_critic_with_another_tokenizer_is_refused(tiny_model_dir, prompts, tmp_path):
     actor = tiny_model_dir("llama")
     critic = tmp_path / "other-vocab"
@@ -281,7 +293,7 @@ def test_pretraining_mix_adds_a_language_model_loss(tiny_model_dir, prompts, tmp
         pytest.skip(f"{WIKI} not found")
     out = tmp_path / "ptx"
     cfg = from_flat(PPOConfig, _flags(tiny_model_dir("llama"), out, prompts, tmp_path / "cache",
-                                      unsupervised_dataset_name=str(WIKI), unsup_coef=0.5,
+                                      unsupervised_dataset_name=str(WIKI), unsup_coef=0.5, generation_batches=2,
                                       reward_function="chatrlhf.training.step3_ppo.rewards:brevity"))
     ppo_main.run(cfg)
     steps = _steps(out)
