@@ -136,6 +136,8 @@ class PPOConfig:
     """DeepSpeed-Chat's MixZ++ quantised frozen weights: not supported."""
 
     def __post_init__(self):
+        if self.max_answer_seq_len < 1 or self.max_prompt_seq_len < 1:
+            raise ValueError("--max_prompt_seq_len and --max_answer_seq_len must be at least 1")
         if self.enable_mixed_precision_lora:
             raise ValueError("--enable_mixed_precision_lora (MixZ++) is not supported")
         if self.per_device_generation_batch_size * self.ppo.generation_batches % self.per_device_training_batch_size:

@@ -190,8 +190,11 @@ def test_two_ranks_zero3_match_one_process(tiny_model_dir, real_records, tmp_pat
     sft_main.run(from_flat(SFTConfig, _flags(model, one, real_records, tmp_path / "c", max_steps=5,
                                              per_device_train_batch_size=4)))
     two = tmp_path / "two"
+    # A user DeepSpeed JSON (merged over ours) that makes ZeRO-3 partition even a tiny model's small tensors.
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     flags = _flags(model, two, real_records, tmp_path / "c", max_steps=5, per_device_train_batch_size=2,
-                   zero_stage=3)
+                   zero_stage=3, deepspeed_config=str(ds_json))
     argv = []
     for k, v in flags.items():
         argv += [f"--{k}", *(v if isinstance(v, list) else [v])]
@@ -199,6 +202,12 @@ def test_two_ranks_zero3_match_one_process(tiny_model_dir, real_records, tmp_pat
     deepspeed_launch(str(REPO / "training" / "step1_sft" / "main.py"), argv)
     assert _train_losses(two) == pytest.approx(_train_losses(one), abs=2e-4)
     assert _evals(two)[-1] == pytest.approx(_evals(one)[-1], abs=2e-4)
+    # The ZeRO-3 shards were gathered into one Hugging Face model equal to the one-process model.
+    ids = torch.randint(0, 400, (2, 12))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(one)(input_ids=ids).logits
+        b = AutoModelForCausalLM.from_pretrained(two)(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
 def test_zero3_loads_each_rank_a_shard(tiny_model_dir):
