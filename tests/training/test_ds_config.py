@@ -115,9 +115,14 @@ def test_merge_user_config_is_pure_and_replaces_non_dicts():
     assert theirs["a"]["c"]["x"] == 3  # the result shares nothing with the inputs
 
 
-def test_user_batch_keys_are_kept_as_written():
-    cfg = build(user_config={"train_batch_size": 64, "train_micro_batch_size_per_gpu": 2})
-    assert cfg["train_batch_size"] == 64 and cfg["train_micro_batch_size_per_gpu"] == 2
+def test_user_batch_keys_must_agree_with_the_flags():
+    # Agreeing values are fine; a disagreeing one is refused, naming the flag to use instead.
+    cfg = build(user_config={"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4})
+    assert cfg["train_batch_size"] == 8 and cfg["train_micro_batch_size_per_gpu"] == 4
+    with pytest.raises(ValueError, match="per_device_train_batch_size"):
+        build(user_config={"train_micro_batch_size_per_gpu": 2})
+    with pytest.raises(ValueError, match="train_batch_size=64"):
+        build(user_config={"train_batch_size": 64})
 
 
 def test_read_user_config(tmp_path):

@@ -20,6 +20,7 @@ from chatrlhf.training.value_model import end_scores, token_values
 from chatrlhf.utils.config import from_flat, load_config, parse_config
 from chatrlhf.utils.logging import read_metrics
 
+REPO = Path(__file__).resolve().parents[3]
 MARKER = "fig"
 # Words of two tokens each under the test tokenizer, like " fig": a pair differs in one word and not in length.
 WORDS = "cat sat mat food car dog see then moon star bed hat pen ox".split()
@@ -252,6 +253,21 @@ def test_real_hh_rlhf_pairs(tiny_model_dir, hh_rlhf_path, tmp_path):
                                                          max_steps=2, max_seq_len=128, skip_malformed=True,
                                                          per_device_train_batch_size=4)))
     assert metrics["eval/pairs"] > 0 and len(_train_losses(out)) == 2
+
+
+def test_script_form_runs_as_in_deepspeed_chat(tiny_model_dir, planted, tmp_path):
+    """`python training/step2_reward/main.py ...`: the file run directly, as DeepSpeed-Chat users launch it."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "script"
+    flags = _flags(tiny_model_dir("llama"), out, planted, tmp_path / "c", max_steps=1, eval_iters=1)
+    argv = [a for k, v in flags.items() for a in (f"--{k}", *(v if isinstance(v, list) else [v]))]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(REPO / "training" / "step2_reward" / "main.py"), *map(str, argv)], check=True,
+                   capture_output=True, env=env, timeout=300)
+    assert (out / "model.safetensors").is_file() and len(_train_losses(out)) == 1
 
 
 @pytest.mark.distributed
