@@ -20,7 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={f"{NAMESPACE}.training.data": ["bundled/*"]},
+    package_data={f"{NAMESPACE}.training.data": ["bundled/*"], f"{NAMESPACE}.training.pipeline": ["recipes/*.yaml"]},
     install_requires=[
         # Minimums are the versions the test suite runs against (older ones are untested, not known to fail).
         "torch>=2.13",
@@ -45,6 +45,7 @@ setup(
             "chatrlhf-sft=chatrlhf.training.step1_sft.main:main",
             "chatrlhf-reward=chatrlhf.training.step2_reward.main:main",
             "chatrlhf-ppo=chatrlhf.training.step3_ppo.main:main",
+            "chatrlhf-train=chatrlhf.training.pipeline.cli:main",
         ]
     },
 )

@@ -134,3 +134,25 @@ def test_a_multi_label_head_is_refused(tiny_model_dir):
     model.config.pad_token_id = 0
     with pytest.raises(ValueError, match="num_labels=1"):
         token_values(model, torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
+
+
+def test_zero3_engine_and_its_module_give_the_plain_scores(tiny_model_dir):
+    """Under ZeRO-3 the parameters live in shards; calling the whole model lets DeepSpeed gather them."""
+    from chatrlhf.training.builders import build_trained_model
+    from chatrlhf.training.config import EngineArgs, ModelArgs
+
+    path = str(tiny_model_dir("llama"))
+    tok = load_tokenizer(path)
+    engine = build_trained_model(ModelArgs(model_name_or_path=path, zero_stage=3), EngineArgs(dtype="fp32"), tok,
+                                 head="score", micro_batch_size=3, total_steps=1)
+    ids, mask = _pairs(tok)
+    with torch.no_grad():
+        via_engine = end_scores(token_values(engine, ids, mask), mask)
+        via_module = end_scores(token_values(engine.module, ids, mask), mask)
+        pooled = engine.module(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    torch.testing.assert_close(via_engine, via_module, rtol=0, atol=0)
+    torch.testing.assert_close(via_engine, pooled, rtol=1e-6, atol=1e-6)
+    engine.backward(end_scores(token_values(engine, ids, mask), mask).sum())  # gradients reach the sharded head
+    engine.step()
+    with torch.no_grad():
+        assert not torch.equal(end_scores(token_values(engine, ids, mask), mask), via_engine)

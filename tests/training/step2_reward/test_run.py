@@ -264,9 +264,12 @@ def test_script_form_runs_as_in_deepspeed_chat(tiny_model_dir, planted, tmp_path
     out = tmp_path / "script"
     flags = _flags(tiny_model_dir("llama"), out, planted, tmp_path / "c", max_steps=1, eval_iters=1)
     argv = [a for k, v in flags.items() for a in (f"--{k}", *(v if isinstance(v, list) else [v]))]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, str(REPO / "training" / "step2_reward" / "main.py"), *map(str, argv)], check=True,
-                   capture_output=True, env=env, timeout=300)
+    # In-process runs earlier in this session joined a one-rank group through these; the child makes its own.
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "training" / "step2_reward" / "main.py"), *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert (out / "model.safetensors").is_file() and len(_train_losses(out)) == 1
 
 

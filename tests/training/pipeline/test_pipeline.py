@@ -1,0 +1,232 @@
+"""The one-command pipeline: steps 1 -> 2 -> 3 in-process on tiny random models with the report, skipping of
+finished steps, --force, options refused before anything starts, a failing step's message, and the recipes."""
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from chatrlhf.training.pipeline import cli, recipes
+from chatrlhf.training.pipeline.cli import PipelineOptions, main, run_pipeline
+from chatrlhf.training.pipeline.launch import command
+from chatrlhf.training.pipeline.plan import STEPS, PlanError, build_plan
+from chatrlhf.utils.config import from_flat
+
+TINY = {  # a few optimizer steps each, short sequences
+    1: "--max_steps 2 --max_seq_len 64 --per_device_train_batch_size 4 --per_device_eval_batch_size 8 --eval_iters 1",
+    2: "--max_steps 2 --max_seq_len 64 --per_device_train_batch_size 4 --per_device_eval_batch_size 8 --eval_iters 1",
+    3: "--max_steps 2 --max_prompt_seq_len 32 --max_answer_seq_len 8 --per_device_generation_batch_size 4 "
+       "--per_device_training_batch_size 4 --per_device_eval_batch_size 4 --eval_iters 1",
+}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, hh_rlhf_path) -> Path:
+    """150 real HH-RLHF pairs as a local file (split 2,4,4 between the steps)."""
+    path = tmp_path_factory.mktemp("data") / "hh150.jsonl"
+    with gzip.open(hh_rlhf_path, "rt") as f, path.open("w") as out:
+        for i, line in enumerate(f):
+            if i >= 150:
+                break
+            out.write(line)
+    return path
+
+
+def tiny_options(model: Path, out: Path, data: Path, **extra) -> PipelineOptions:
+    opts = PipelineOptions(actor_model=str(model), reward_model=str(model), deployment_type="cpu", output_dir=str(out),
+                           launcher="inprocess", report_samples=2,
+                           common_args=f"--data_path {data} --data_output_path {out.parent / 'cache'} --dtype fp32 "
+                                       "--eval_fraction 0.2 --skip_malformed",
+                           step1_args=TINY[1], step2_args=TINY[2], step3_args=TINY[3])
+    for key, value in extra.items():
+        setattr(opts, key, value)
+    return opts
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, records, tmp_path_factory):
+    """One in-process run of the three steps on a tiny llama: (options, result, seconds)."""
+    out = tmp_path_factory.mktemp("pipeline") / "output"
+    opts = tiny_options(tiny_model_dir("llama"), out, records)
+    start = time.time()
+    result = run_pipeline(opts)
+    return opts, result, time.time() - start
+
+
+def test_three_steps_run_in_order_and_write_the_report(finished):
+    opts, result, _ = finished
+    out = Path(opts.output_dir)
+    assert sorted(result["steps"]) == [1, 2, 3] and not any(r["skipped"] for r in result["steps"].values())
+    for n, name in ((1, "step1_sft"), (2, "step2_reward"), (3, "step3_ppo")):
+        done = json.loads((out / name / "pipeline_done.json").read_text())
+        assert done["step"] == n and done["wall_time_s"] > 0
+        assert (out / "logs" / f"step{n}.log").stat().st_size > 0
+    # Step 3 was wired to the outputs of steps 1 and 2.
+    step3 = json.loads((out / "step3_ppo" / "pipeline_done.json").read_text())["flags"]
+    assert step3["actor_model_name_or_path"] == str(out.resolve() / "step1_sft")
+    assert step3["critic_model_name_or_path"] == str(out.resolve() / "step2_reward")
+    assert (out / "step3_ppo" / "actor" / "config.json").is_file()
+    # Key metrics before -> after, for the summary.
+    metrics = result["steps"]
+    assert set(metrics[1]["metrics"]) == {"eval/perplexity"}
+    assert set(metrics[2]["metrics"]) == {"eval/accuracy"}
+    assert {"eval/score_mean", "eval/kl"} <= set(metrics[3]["metrics"])
+    report = (out / "report.md").read_text()
+    assert "## Summary" in report and "held-out pairwise accuracy" in report
+    for n in (1, 2, 3):
+        png = out / "report" / f"step{n}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(report/step{n}.png)" in report
+    assert "## Sample answers on held-out prompts" in report and "RLHF model (step 3)" in report
+    assert report.count("**score ") == 4  # 2 prompts x 2 models, scored by the reward model
+
+
+def test_finished_steps_are_skipped_and_force_reruns(finished, capsys):
+    opts, _, first_run = finished
+    out = Path(opts.output_dir)
+    lines = {n: (out / name / "metrics.jsonl").read_text() for n, name in ((1, "step1_sft"), (3, "step3_ppo"))}
+    start = time.time()
+    again = run_pipeline(tiny_options(Path(opts.actor_model), out, Path(opts.common_args.split()[1]),
+                                      report_samples=0))
+    assert all(r["skipped"] for r in again["steps"].values())
+    assert time.time() - start < first_run
+    assert (out / "step1_sft" / "metrics.jsonl").read_text() == lines[1]  # no training happened
+    printed = capsys.readouterr().out
+    assert printed.count("skipped (--force reruns it)") == 3 and "whole command" in printed
+
+    forced = run_pipeline(tiny_options(Path(opts.actor_model), out, Path(opts.common_args.split()[1]),
+                                       step=[3], force=True, report_samples=0))
+    assert list(forced["steps"]) == [3] and not forced["steps"][3]["skipped"]
+    rerun = (out / "step3_ppo" / "metrics.jsonl").read_text()
+    assert len(rerun.splitlines()) == len(lines[3].splitlines())  # started over: old metrics were dropped
+
+
+def test_missing_model_path_is_refused_before_anything_starts(tmp_path, capsys):
+    missing = tmp_path / "no" / "such-model"
+    code = main(["--actor-model", str(missing), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err and "no such model folder" in err and "Nothing was run" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_deployment_type_and_step_list_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--deployment-type", "tpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in ("single_gpu", "single_node", "multi_node", "cpu"))
+    with pytest.raises(SystemExit):
+        main(["--step", "4"])
+    assert "choose from 1, 2, 3" in capsys.readouterr().err
+    assert main(["--step", "3", "1", "--output-dir", str(tmp_path)]) == 2
+    assert "increasing order" in capsys.readouterr().err
+    # The Python API checks the same things.
+    for bad in (dict(deployment_type="tpu"), dict(step=[1, 1]), dict(step=[0, 2]), dict(actor_zero_stage=4)):
+        with pytest.raises(PlanError):
+            run_pipeline(PipelineOptions(output_dir=str(tmp_path), **bad))
+    with pytest.raises(PlanError, match="hostfile"):
+        run_pipeline(PipelineOptions(deployment_type="multi_node", output_dir=str(tmp_path)))
+
+
+def test_bad_overrides_are_refused_before_anything_starts(tiny_model_dir, tmp_path, capsys):
+    model = str(tiny_model_dir("llama"))
+    base = ["--actor-model", model, "--reward-model", model, "--output-dir", str(tmp_path / "out")]
+    assert main(base + ["--step1-args", "--no_such_flag 1"]) == 2
+    assert "--no_such_flag" in capsys.readouterr().err
+    assert main(base + ["--step3-args", "--kl_coef lots"]) == 2
+    assert "kl_coef" in capsys.readouterr().err
+    assert main(base + ["--common-args", "--nope 3"]) == 2
+    assert "no step has flag(s) ['nope']" in capsys.readouterr().err
+    assert main(base + ["--step", "3"]) == 2  # steps 1 and 2 have not run: nothing to start step 3 from
+    assert "add 1 to --step" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_step_is_named_with_its_log_tail_and_hints(tiny_model_dir, tmp_path, capsys):
+    """Subprocess mode (a fresh `python -m` process), failing early on a data file that is not there."""
+    model = str(tiny_model_dir("llama"))
+    code = main(["--actor-model", model, "--reward-model", model, "--output-dir", str(tmp_path / "out"),
+                 "--deployment-type", "cpu", "--launcher", "python", "--step", "1", "--step1-args",
+                 f"--data_path {tmp_path / 'missing.jsonl'} --dtype fp32"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "step 1 (SFT) failed" in err and "exit code" in err
+    assert f"last 40 lines of {tmp_path / 'out' / 'logs' / 'step1.log'}" in err
+    assert "missing.jsonl" in err  # the step's own error, from the log tail
+    for hint in ("--per_device_train_batch_size", "ZeRO", "--offload", "--lora_dim", "--gradient_checkpointing"):
+        assert hint in err
+    assert not (tmp_path / "out" / "step1_sft" / "pipeline_done.json").exists()
+
+
+# ---- recipes and plans (no training) -------------------------------------------------------------------------
+@pytest.mark.parametrize("size, deployment, expected", [
+    (135e6, "cpu", "small_cpu"), (360e6, "single_gpu", "small_single_gpu"), (1.2e9, "single_node", "1b_single_node"),
+    (6.7e9, "single_gpu", "7b_single_gpu"), (70e9, "multi_node", "7b_multi_node"), (7e9, "cpu", "1b_cpu")])
+def test_recipes_are_picked_by_size_and_deployment(size, deployment, expected):
+    assert recipes.recipe_path(size, deployment).stem == expected
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in recipes.recipe_dir().glob("*.yaml")))
+def test_every_packaged_recipe_gives_valid_step_configs(recipe, tmp_path):
+    summary = {"name": "m", "num_params": 1e8, "last_block": "model.layers.1."}
+    opts = PipelineOptions(actor_model="m", reward_model="m", output_dir=str(tmp_path))
+    plan = build_plan(opts, summary, summary, recipes.recipe_dir() / recipe)
+    assert recipes.describe(recipes.recipe_dir() / recipe)
+    for p in plan.steps:
+        assert p.flags.get("save_interval", 0) > 0 or p.flags.get("max_steps", 0) > 0  # resumable
+        from_flat(p.step.config_class(), p.flags)
+        assert "{last_block}" not in json.dumps(p.flags)
+
+
+def test_overrides_win_and_common_args_go_where_they_fit(tmp_path):
+    summary = {"name": "m", "num_params": 1e8, "last_block": "model.layers.1."}
+    opts = PipelineOptions(actor_model="a", reward_model="r", output_dir=str(tmp_path), actor_zero_stage=2,
+                           reward_zero_stage=1, common_args="--max_seq_len 64 --seed 5",
+                           step1_args="--learning_rate 1e-5", step3_args="--critic_model_name_or_path other")
+    flags = {p.step.number: p.flags for p in
+             build_plan(opts, summary, summary, recipes.recipe_dir() / "small_single_gpu.yaml").steps}
+    assert flags[1]["learning_rate"] == 1e-5 and flags[1]["zero_stage"] == 2 and flags[2]["zero_stage"] == 1
+    assert flags[1]["max_seq_len"] == flags[2]["max_seq_len"] == 64 and "max_seq_len" not in flags[3]
+    assert flags[3]["seed"] == 5 and flags[3]["actor_zero_stage"] == 2 and flags[3]["critic_zero_stage"] == 1
+    assert flags[3]["actor_model_name_or_path"] == str(tmp_path.resolve() / "step1_sft")
+    assert flags[3]["critic_model_name_or_path"] == "other"
+
+
+def test_model_size_comes_from_the_config(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dir("llama")
+    summary = recipes.model_summary(str(path))
+    assert summary["num_params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+    assert summary["last_block"] == "model.layers.1."
+    assert recipes.model_summary(str(tiny_model_dir("gpt2", chat_template=False)))["last_block"] == "transformer.h.1."
+
+
+def test_local_looking_names():
+    for name in ("./m", "/abs/m", "~/m", "a/b/c", "out/"):
+        assert recipes.looks_local(name), name
+    for name in ("gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct"):
+        assert not recipes.looks_local(name), name
+
+
+def test_launch_commands_per_deployment(tmp_path):
+    summary = {"name": "m", "num_params": 1e8, "last_block": "model.layers.1."}
+    plan = build_plan(PipelineOptions(actor_model="m", reward_model="m", output_dir=str(tmp_path)), summary, summary,
+                      recipes.recipe_dir() / "small_single_gpu.yaml").steps[0]
+    one = command(plan, "single_gpu", "deepspeed")
+    assert one[one.index("--num_gpus") + 1] == "1" and one[-4:] == ["--module", STEPS[1].module, "--config",
+                                                                      str(plan.args_file)]
+    multi = command(plan, "multi_node", "deepspeed", hostfile="hosts")
+    assert multi[multi.index("--hostfile") + 1] == "hosts" and "--num_gpus" not in multi
+    assert "--num_gpus" not in command(plan, "single_node", "deepspeed")  # all local GPUs
+    assert command(plan, "cpu", "python")[1:3] == ["-m", STEPS[1].module]
+    assert cli.launcher_for("cpu", "auto", None) == "python" and cli.launcher_for("single_gpu", "auto", None) == \
+        "deepspeed"
+
+
+def test_step_args_take_a_lone_flag_and_the_command_is_recorded():
+    opts = cli.parse_options(["--step1-args", "--offload", "--force", "--common-args", "--seed 3"])
+    assert opts.step1_args == "--offload" and opts.force and opts.common_args == "--seed 3"
+    assert opts.command.startswith("chatrlhf-train --step1-args --offload")

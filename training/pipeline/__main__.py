@@ -1,0 +1,3 @@
+from chatrlhf.training.pipeline.cli import main
+
+raise SystemExit(main())

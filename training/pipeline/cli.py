@@ -1,0 +1,297 @@
+"""One command for the three steps: `python train.py` / `chatrlhf-train` (DeepSpeed-Chat's e2e_rlhf.py, fixed).
+
+  python train.py                                    # the embedded default: SmolLM2-135M-Instruct, bundled HH-RLHF
+  python train.py --actor-model meta-llama/Llama-3.2-1B --reward-model HuggingFaceTB/SmolLM2-360M \\
+      --deployment-type single_node --actor-zero-stage 3 --step1-args "--learning_rate 1e-5 --max_seq_len 1024"
+  python train.py --deployment-type multi_node --hostfile hostfile --actor-model Qwen/Qwen2.5-7B ...
+  python train.py --step 3 --force --step3-args "--ppo_epochs 2"   # rerun PPO on the existing step 1-2 outputs
+
+Each chosen step runs in a fresh process (`deepspeed` launcher on GPUs, `python -m` on CPU) with flags from a
+recipe (picked by the actor's size and the deployment type; `recipes/`), the wiring between steps, and your
+`--common-args` / `--stepN-args`, which win. Wrong options are refused before anything starts. Finished steps
+are skipped (their `pipeline_done.json`) unless `--force`; an interrupted step resumes from its checkpoint.
+`run_pipeline(PipelineOptions(...))` is the Python API (tests use `launcher="inprocess"`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from chatrlhf.training.pipeline import recipes
+from chatrlhf.training.pipeline.launch import (LAUNCHERS, StepFailed, command, cpu_threads, launcher_for, mark_done,
+                                               run_step)
+from chatrlhf.training.pipeline.plan import STEPS, PlanError, build_plan
+from chatrlhf.training.pipeline.report import duration, format_table, key_metrics, summary_rows, write_report
+from chatrlhf.utils.smollm2 import DEFAULT_MODEL_NAME
+
+PROG = "chatrlhf-train"
+FLAG_OPTIONS = ("--common-args", "--step1-args", "--step2-args", "--step3-args")
+
+
+@dataclass
+class PipelineOptions:
+    """The pipeline's own options (each step's flags go through common_args / stepN_args or the recipe)."""
+
+    actor_model: str = DEFAULT_MODEL_NAME
+    reward_model: str = DEFAULT_MODEL_NAME
+    deployment_type: Optional[str] = None   # None: cpu without an accelerator, else single_gpu
+    step: list[int] = field(default_factory=lambda: [1, 2, 3])
+    output_dir: str = "./output"
+    actor_zero_stage: Optional[int] = None  # None: the recipe's
+    reward_zero_stage: Optional[int] = None
+    force: bool = False
+    hostfile: Optional[str] = None
+    num_gpus: Optional[int] = None
+    recipe: Optional[str] = None            # a recipe file or packaged name (e.g. small_single_gpu); None: by size
+    common_args: str = ""
+    step1_args: str = ""
+    step2_args: str = ""
+    step3_args: str = ""
+    launcher: str = "auto"
+    report_samples: int = 4
+    dry_run: bool = False
+    command: str = ""                       # shown in the report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PipelineOptions()
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Runs step 1 (SFT), step 2 (reward model) and step 3 (PPO with a critic) in order.",
+        epilog="Override any value of a step with its own flag names (see `python -m chatrlhf.training.step1_sft "
+               "--help`, step2_reward, step3_ppo):\n  --step1-args \"--learning_rate 1e-5 --max_seq_len 256\"\n"
+               "  --step3-args \"--actor_lora_dim 8 --kl_coef 0.1\"\n  --common-args \"--data_path my.jsonl "
+               "--dtype bf16\"   (each step takes the flags it has)\nRecipes: " + str(recipes.recipe_dir()))
+    p.add_argument("--actor-model", default=d.actor_model,
+                   help="Hugging Face causal LM (hub id or local folder) trained by steps 1 and 3 "
+                        "(default: %(default)s)")
+    p.add_argument("--reward-model", default=d.reward_model,
+                   help="model the reward model and the critic start from in step 2; must share the actor's "
+                        "tokenizer (default: %(default)s)")
+    p.add_argument("--deployment-type", choices=recipes.DEPLOYMENTS,
+                   help="where to run (default: cpu without an accelerator, else single_gpu)")
+    p.add_argument("--step", type=int, nargs="+", choices=sorted(STEPS), default=d.step,
+                   help="steps to run, in increasing order (default: 1 2 3)")
+    p.add_argument("--output-dir", default=d.output_dir,
+                   help="root of step1_sft/, step2_reward/, step3_ppo/, logs/ and report.md (default: %(default)s)")
+    p.add_argument("--actor-zero-stage", type=int, choices=range(4),
+                   help="ZeRO stage of the actor (steps 1 and 3); default: the recipe's")
+    p.add_argument("--reward-zero-stage", type=int, choices=range(4),
+                   help="ZeRO stage of the reward model and critic (steps 2 and 3); default: the recipe's")
+    p.add_argument("--force", action="store_true",
+                   help="rerun the chosen steps from scratch even when done (drops their checkpoints and metrics)")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile for multi_node (one `host slots=N` line per node)")
+    p.add_argument("--num-gpus", type=int,
+                   help="GPUs per node for single_node/multi_node (default: all); CPU ranks for cpu (default: 1)")
+    p.add_argument("--recipe", help="a recipe YAML file, or the name of a packaged one (e.g. small_single_gpu); "
+                                    "default: picked by the actor's size and --deployment-type")
+    for n, step in STEPS.items():
+        p.add_argument(f"--step{n}-args", default="", metavar="FLAGS",
+                       help=f"flags for step {n} ({step.title}), as on its command line; they win over the recipe")
+    p.add_argument("--common-args", default="", metavar="FLAGS", help="flags given to every step that has them")
+    p.add_argument("--report-samples", type=int, default=d.report_samples,
+                   help="held-out prompts answered by the SFT and RLHF models in the report (0: none)")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print the commands; run nothing")
+    p.add_argument("--launcher", choices=LAUNCHERS, default=d.launcher,
+                   help="advanced: how steps start (auto: deepspeed on GPUs, python -m on CPU; inprocess: "
+                        "run(config) in this process)")
+    return p
+
+
+def _attach_flag_values(argv: list[str]) -> list[str]:
+    """`--step1-args --offload` -> `--step1-args=--offload`: argparse would take a lone `--offload` for an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in FLAG_OPTIONS and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def parse_options(argv: list[str] | None = None) -> PipelineOptions:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = vars(build_parser().parse_args(_attach_flag_values(argv)))
+    opts = PipelineOptions(**{f.name: args[f.name] for f in fields(PipelineOptions) if f.name in args})
+    opts.command = " ".join([PROG] + [shlex.quote(a) for a in argv])
+    return opts
+
+
+def default_deployment() -> str:
+    from chatrlhf.utils.distributed import accelerator
+
+    return "cpu" if accelerator().device_name() == "cpu" else "single_gpu"
+
+
+def check_options(opts: PipelineOptions) -> None:
+    """Refuses wrong values before anything starts (argparse checks choices; the Python API comes here too)."""
+    if opts.deployment_type not in (None,) + recipes.DEPLOYMENTS:
+        raise PlanError(f"unknown deployment type {opts.deployment_type!r}; accepted: {', '.join(recipes.DEPLOYMENTS)}")
+    steps = list(opts.step)
+    if not steps or any(s not in STEPS for s in steps) or steps != sorted(set(steps)):
+        raise PlanError(f"--step takes steps from {sorted(STEPS)} in increasing order without repeats "
+                        f"(e.g. --step 1 2 3, --step 2 3), got {' '.join(map(str, steps)) or 'nothing'}")
+    for name in ("actor_zero_stage", "reward_zero_stage"):
+        if getattr(opts, name) not in (None, 0, 1, 2, 3):
+            raise PlanError(f"--{name.replace('_', '-')} must be 0, 1, 2 or 3, got {getattr(opts, name)}")
+    if opts.launcher not in LAUNCHERS:
+        raise PlanError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {opts.launcher!r}")
+    if opts.num_gpus is not None and opts.num_gpus < 1:
+        raise PlanError(f"--num-gpus must be >= 1, got {opts.num_gpus}")
+    if opts.deployment_type == "multi_node":
+        if not opts.hostfile:
+            raise PlanError("multi_node needs --hostfile (one `hostname slots=N` line per node; "
+                            "see applications/hostfile.example)")
+        if not Path(opts.hostfile).is_file():
+            raise PlanError(f"--hostfile: no such file {opts.hostfile}")
+    for option in ("actor_model", "reward_model"):
+        name = getattr(opts, option)
+        path = Path(name).expanduser()
+        if path.exists() and not (path / "config.json").is_file():
+            raise PlanError(f"--{option.replace('_', '-')} {name}: the folder has no config.json (not a saved "
+                            "Hugging Face model)")
+        if not path.exists() and recipes.looks_local(name):
+            raise PlanError(f"--{option.replace('_', '-')} {name}: no such model folder (a local path; a hub id "
+                            f"looks like `org/name`; the default is `{DEFAULT_MODEL_NAME}`)")
+
+
+def _recipe_file(opts: PipelineOptions, num_params: float, deployment: str) -> Path:
+    if not opts.recipe:
+        return recipes.recipe_path(num_params, deployment)
+    path = Path(opts.recipe)
+    packaged = recipes.recipe_dir() / f"{opts.recipe}.yaml"
+    if not path.is_file() and packaged.is_file():
+        return packaged
+    if not path.is_file():
+        names = sorted(p.stem for p in recipes.recipe_dir().glob("*.yaml"))
+        raise PlanError(f"--recipe {opts.recipe}: no such file, and no packaged recipe of that name "
+                        f"(packaged: {', '.join(names)})")
+    return path
+
+
+def prepare(opts: PipelineOptions):
+    """Checks everything and returns (plan, deployment, launcher); raises PlanError."""
+    check_options(opts)
+    deployment = opts.deployment_type or default_deployment()
+    summaries = {}
+    for option in ("actor_model", "reward_model"):
+        name = getattr(opts, option)
+        if name not in summaries:
+            try:
+                summaries[name] = recipes.model_summary(name)
+            except OSError as e:
+                raise PlanError(f"--{option.replace('_', '-')}: {e}") from None
+    actor, reward = summaries[opts.actor_model], summaries[opts.reward_model]
+    recipe = _recipe_file(opts, actor["num_params"], deployment)
+    try:
+        plan = build_plan(opts, actor, reward, recipe)
+    except (ValueError, OSError) as e:
+        raise PlanError(str(e)) from None
+    return plan, deployment, launcher_for(deployment, opts.launcher, opts.num_gpus)
+
+
+def say(message: str) -> None:
+    print(f"[{PROG}] {message}", flush=True)
+
+
+def run_pipeline(opts: PipelineOptions) -> dict:
+    """Runs the chosen steps; returns {"steps": {n: {"wall_time_s", "skipped", "metrics"}}, "report": path}.
+    Raises PlanError (nothing started) or StepFailed."""
+    began = time.time()
+    plan, deployment, launcher = prepare(opts)
+    say(f"actor {opts.actor_model} ({recipes.human_size(plan.actor['num_params'])}), reward model "
+        f"{opts.reward_model} ({recipes.human_size(plan.reward['num_params'])}); {deployment}; recipe {plan.recipe}")
+    cmds = {p.step.number: None if launcher == "inprocess" else
+            command(p, deployment, launcher, num_gpus=opts.num_gpus, hostfile=opts.hostfile) for p in plan.steps}
+    if opts.dry_run:
+        for p in plan.steps:
+            say(f"step {p.step.number} ({p.step.title}) -> {p.output_dir}\n    "
+                + (" ".join(map(shlex.quote, cmds[p.step.number])) if cmds[p.step.number] else "in-process")
+                + f"\n    with {p.args_file} (not written by --dry-run): {p.flags}")
+        return {"steps": {}, "report": None, "plan": plan}
+
+    env = {}
+    if launcher == "python" and deployment == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(cpu_threads())
+        say(f"{env['OMP_NUM_THREADS']} thread(s) per step: the idle cores of this machine (set OMP_NUM_THREADS "
+            "to choose)")
+    results: dict[int, dict] = {}
+    reran = False
+    for p in plan.steps:
+        n = p.step.number
+        done = p.done_record()
+        if done and not opts.force:
+            say(f"step {n} ({p.step.title}): done earlier ({p.done_file}); skipped (--force reruns it)")
+            if done.get("flags") != p.flags:
+                say(f"  note: step {n} was run with other flags than now; --force reruns it with the new ones")
+            if reran:
+                say(f"  note: an earlier step was rerun; step {n} still holds results built from its old output")
+            results[n] = {"wall_time_s": done.get("wall_time_s"), "skipped": True,
+                          "metrics": key_metrics(n, p.output_dir)}
+            continue
+        if opts.force:
+            _clear(p)
+        elif (p.output_dir / "checkpoints" / "latest").is_file():
+            say(f"step {n} ({p.step.title}): not finished earlier; resuming from {p.output_dir / 'checkpoints'}")
+        say(f"step {n} ({p.step.title}) -> {p.output_dir}; log {p.log}")
+        wall = run_step(p, cmds[n], env)
+        metrics = key_metrics(n, p.output_dir)
+        mark_done(p, wall, metrics)
+        results[n] = {"wall_time_s": wall, "skipped": False, "metrics": metrics}
+        reran = True
+        say(f"step {n} ({p.step.title}) done in {wall:.0f} s")
+
+    start = time.time()
+    with _threads(env.get("OMP_NUM_THREADS")):
+        report = write_report(plan, results, command=opts.command or "run_pipeline(...)", deployment=deployment,
+                              samples=opts.report_samples)
+    say(f"report written in {time.time() - start:.0f} s: {report}")
+    extra = [["report", duration(time.time() - start), "", "", ""],
+             ["whole command", duration(time.time() - began), "", "", ""]]
+    print("\n" + format_table(summary_rows(plan, results) + extra) + "\n", flush=True)
+    return {"steps": results, "report": report, "plan": plan}
+
+
+@contextlib.contextmanager
+def _threads(n: str | None):
+    """This process's torch threads for the report's sample answers (as the steps had)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _clear(p) -> None:
+    """--force: the step's done marker, metrics and checkpoints go (models are overwritten by the run)."""
+    import shutil
+
+    for name in ("pipeline_done.json", "metrics.jsonl"):
+        (p.output_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(p.output_dir / "checkpoints", ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_options(argv)
+    try:
+        run_pipeline(opts)
+    except PlanError as e:
+        print(f"{PROG}: error: {e}\nNothing was run.", file=sys.stderr, flush=True)
+        return 2
+    except StepFailed as e:
+        print(f"\n{PROG}: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,238 @@
+"""The end of a pipeline run: a summary table on the console and `<output>/report.md` with PNG plots and sample
+answers of the SFT and RLHF models side by side (greedy, scored by the reward model)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from chatrlhf.training.pipeline.plan import STEPS, Plan
+from chatrlhf.utils.logging import read_metrics
+
+logger = logging.getLogger(__name__)
+
+# Per step: (metric key, label, format) shown as "before -> after" (first and last evaluation of the run).
+KEY_METRICS = {
+    1: [("eval/perplexity", "eval perplexity", "{:.2f}")],
+    2: [("eval/accuracy", "held-out pairwise accuracy", "{:.3f}")],
+    3: [("eval/score_mean", "held-out reward score", "{:+.3f}"), ("eval/kl", "held-out KL to SFT (nats)", "{:.2f}"),
+        ("eval/response_length", "answer length (tokens)", "{:.1f}")],
+}
+
+
+def metrics_by_step(output_dir: Path) -> list[dict]:
+    """metrics.jsonl records merged per step (a resumed run logs some steps twice: the later record wins)."""
+    merged: dict[int, dict] = {}
+    for record in read_metrics(output_dir):
+        merged.setdefault(record["step"], {}).update(record)
+    return [merged[s] for s in sorted(merged)]
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def key_metrics(step: int, output_dir: Path) -> dict[str, list[float]]:
+    """{key: [before, after]} of the step's key metrics."""
+    records = metrics_by_step(output_dir)
+    out = {}
+    for key, _, _ in KEY_METRICS[step]:
+        _, values = series(records, key)
+        if values:
+            out[key] = [values[0], values[-1]]
+    return out
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def summary_rows(plan: Plan, results: dict) -> list[list[str]]:
+    """[step, wall time, metric, before, after] rows; results: {step: {"wall_time_s", "skipped", "metrics"}}."""
+    rows = []
+    for n, res in sorted(results.items()):
+        name = f"{n} {STEPS[n].title}"
+        wall = duration(res.get("wall_time_s")) + (" (earlier run)" if res.get("skipped") else "")
+        first = True
+        for key, label, fmt in KEY_METRICS[n]:
+            if key not in res["metrics"]:
+                continue
+            before, after = res["metrics"][key]
+            rows.append([name if first else "", wall if first else "", label, fmt.format(before), fmt.format(after)])
+            first = False
+        if first:
+            rows.append([name, wall, "(no metrics)", "", ""])
+    total = sum(r.get("wall_time_s") or 0 for r in results.values() if not r.get("skipped"))
+    rows.append(["steps run now", duration(total), "", "", ""])
+    return rows
+
+
+def format_table(rows: list[list[str]], header=("step", "wall time", "metric", "before", "after")) -> str:
+    widths = [max(len(str(r[i])) for r in [list(header)] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(rows: list[list[str]], header=("step", "wall time", "metric", "before", "after")) -> str:
+    cell = lambda c: str(c).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(out + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows])
+
+
+# ---- plots -------------------------------------------------------------------------------------------------
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def plot_step(n: int, output_dir: Path, png: Path) -> bool:
+    """Writes the step's curves to `png`; False when there is nothing to plot."""
+    records = metrics_by_step(output_dir)
+    if not records:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {
+        1: [("training loss", [("train/loss", "train loss", "-")]),
+            ("eval perplexity", [("eval/perplexity", "held-out", "o-")])],
+        2: [("pairwise accuracy", [("train/accuracy", "train", "-"), ("eval/accuracy", "held-out", "o-")]),
+            ("loss", [("train/loss", "train", "-"), ("eval/loss", "held-out", "o-")])],
+        3: [("reward-model score", [("objective/scores", "rollouts", "-"), ("eval/score_mean", "held-out", "o-")]),
+            ("KL to the SFT model (nats per answer)",
+             [("objective/kl", "rollouts", "-"), ("eval/kl", "held-out", "o-")])],
+    }[n]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6))
+    for ax, (title, lines) in zip(axes, panels):
+        for key, label, style in lines:
+            x, y = series(records, key)
+            if not x:
+                continue
+            if style == "-" and len(y) >= 6:  # per-step values are noisy: faint, with a running mean on top
+                line, = ax.plot(x, y, "-", alpha=0.3, lw=1)
+                ax.plot(x, running_mean(y, max(3, len(y) // 6)), "-", color=line.get_color(),
+                        label=f"{label}, smoothed")
+            else:
+                ax.plot(x, y, style, label=label, markersize=4)
+        if n == 2 and title.startswith("pairwise"):
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
+        ax.set_title(title)
+        ax.set_xlabel("PPO step" if n == 3 else "optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"step {n}: {STEPS[n].title}")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---- sample answers ----------------------------------------------------------------------------------------
+def heldout_prompts(plan_flags: dict, tokenizer_path: str, n: int) -> list:
+    """The `n` shortest held-out step-3 prompts (chat messages), from the same split step 3 evaluated on."""
+    from chatrlhf.training.data.pipeline import load_phase_data
+    from chatrlhf.training.step3_ppo.config import PPOConfig
+    from chatrlhf.utils.config import from_flat
+    from chatrlhf.utils.models import load_tokenizer
+
+    cfg = from_flat(PPOConfig, plan_flags)
+    data = load_phase_data(cfg.data.data_path, phase=3, tokenizer=load_tokenizer(tokenizer_path, padding_side="left"),
+                           data_split=cfg.data.data_split, seed=cfg.run.seed, cache_dir=cfg.data.data_output_path,
+                           max_prompt_len=cfg.max_prompt_seq_len, overlength=cfg.data.overlength,
+                           skip_malformed=cfg.data.skip_malformed, eval_fraction=cfg.data.eval_fraction,
+                           data_format=cfg.data.data_format)
+    split = data.eval if len(data.eval) else data.train
+    order = sorted(range(len(split)), key=lambda i: int(split[i]["length"]))[:n]
+    return [json.loads(split[i]["prompt_messages"]) for i in order]  # stored as JSON text
+
+
+def sample_answers(plan: Plan, n: int) -> list[dict]:
+    """compare(SFT model, RLHF actor) on `n` held-out prompts, greedy, with the reward model's scores; answers as
+    long as step 3's (at most 128 tokens)."""
+    from chatrlhf.inference.prompt_eval import compare
+    from chatrlhf.training.config import GenerationArgs
+
+    step3 = next(p for p in plan.steps if p.step.number == 3)
+    flags = step3.flags
+    prompts = heldout_prompts(flags, flags["actor_model_name_or_path"], n)
+    reward = flags.get("reward_model_name_or_path") or flags["critic_model_name_or_path"]
+    max_new_tokens = min(int(flags.get("max_answer_seq_len", 128)), 128)
+    return compare(flags["actor_model_name_or_path"], str(step3.output_dir / "actor"), prompts, reward_model=reward,
+                   max_new_tokens=max_new_tokens, gen_args=GenerationArgs(do_sample=False),
+                   dtype=flags.get("dtype", "auto"), batch_size=max(n, 1))
+
+
+def _last_user(prompt) -> str:
+    """The last user turn, noting how many turns came before it."""
+    if not isinstance(prompt, list):
+        return str(prompt)
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    earlier = sum(m.get("role") in ("user", "assistant") for m in prompt) - 1
+    return (users[-1] if users else str(prompt[-1].get("content", ""))) + (
+        f" *(after {earlier} earlier turns)*" if earlier > 0 else "")
+
+
+def samples_markdown(records: list[dict]) -> str:
+    cell = lambda c: (str(c).strip() or "(empty answer)").replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    out = ["| prompt (last user turn) | SFT model (step 1) | RLHF model (step 3) |", "|---|---|---|"]
+    for r in records:
+        score = lambda name: f"<br>**score {r[name + '_score']:+.3f}**" if name + "_score" in r else ""  # noqa: E731
+        out.append(f"| {cell(_last_user(r['prompt']))} | {cell(r['baseline'])}{score('baseline')} | "
+                   f"{cell(r['finetune'])}{score('finetune')} |")
+    if records and "baseline_score" in records[0]:
+        mean = lambda name: sum(r[name + "_score"] for r in records) / len(records)  # noqa: E731
+        out.append(f"\nMean reward-model score on these {len(records)} prompts: SFT {mean('baseline'):+.3f}, "
+                   f"RLHF {mean('finetune'):+.3f}.")
+    return "\n".join(out)
+
+
+# ---- the report --------------------------------------------------------------------------------------------
+def write_report(plan: Plan, results: dict, *, command: str, deployment: str, samples: int) -> Path:
+    """Writes `<output>/report.md` (+ PNGs under `<output>/report/`); returns its path."""
+    from chatrlhf.training.pipeline.recipes import human_size
+
+    out = plan.output_dir
+    rows = summary_rows(plan, results)
+    lines = ["# chatrlhf pipeline report", "",
+             f"- command: `{command}`",
+             f"- models: actor `{plan.actor['name']}` ({human_size(plan.actor['num_params'])} parameters), reward "
+             f"model `{plan.reward['name']}` ({human_size(plan.reward['num_params'])})",
+             f"- deployment: {deployment}; recipe: `{plan.recipe}`",
+             "- step outputs: " + ", ".join(f"`{p.output_dir}`" for p in plan.steps), "",
+             "## Summary", "", markdown_table(rows), "",
+             "Before and after are each step's first and last evaluation on its held-out split: for step 3, the SFT "
+             "model's and the RLHF model's answers (sampled as in training) to the same held-out prompts, scored by "
+             "the step-2 reward model, with their KL to the SFT model.", ""]
+    for p in plan.steps:
+        n = p.step.number
+        png = out / "report" / f"step{n}.png"
+        lines += [f"## Step {n}: {p.step.title}", ""]
+        if plot_step(n, p.output_dir, png):
+            lines += [f"![step {n}]({png.relative_to(out).as_posix()})", ""]
+        else:
+            lines += ["(no metrics recorded)", ""]
+        lines += [f"Log: `{p.log}`; flags: `{p.args_file}`.", ""]
+    chosen = {p.step.number for p in plan.steps}
+    if samples > 0 and 3 in chosen and (plan.steps[-1].output_dir / "actor" / "config.json").is_file():
+        lines += ["## Sample answers on held-out prompts", "",
+                  "Greedy decoding; scores from the step-2 reward model (higher is preferred).", ""]
+        try:
+            lines += [samples_markdown(sample_answers(plan, samples)), ""]
+        except Exception as e:  # noqa: BLE001 - the report is still useful without samples
+            logger.warning("sample answers failed: %s", e)
+            lines += [f"(sample answers failed: {type(e).__name__}: {e})", ""]
+        actor = plan.steps[-1].output_dir / "actor"
+        lines += ["Chat with the RLHF model:", "", "```bash", f"python -m chatrlhf.inference.chatbot --path {actor}",
+                  "```", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
