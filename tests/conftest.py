@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-HH_RLHF = SHARED_DATA / "hh-rlhf" / "harmless-base.jsonl.gz"
+# The HH-RLHF sample ships with the package (training/data/bundled), so tests never depend on ../shared.
+HH_RLHF = REPO / "training" / "data" / "bundled" / "hh_rlhf_harmless_base.jsonl.gz"
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -38,7 +38,8 @@ def score_head(model) -> torch.nn.Module:
     head = getattr(hf, HEAD_NAME, None)
     if head is None:
         raise TypeError(f"{type(hf).__name__} has no {HEAD_NAME!r} head: load the model as "
-                        "AutoModelForSequenceClassification with num_labels=1 (chatrlhf.utils.models.load_model(head='score'))")
+                        "AutoModelForSequenceClassification with num_labels=1 "
+                        "(chatrlhf.utils.models.load_model(head='score'))")
     return head
 
 
@@ -96,6 +97,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def end_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """values (B, T), attention_mask (B, T) -> scores (B,): the value at each row's last real token."""
     if values.shape != attention_mask.shape:
-        raise ValueError(f"values {tuple(values.shape)} and attention_mask {tuple(attention_mask.shape)} differ in shape")
+        raise ValueError(f"values {tuple(values.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "differ in shape")
     index = last_token_index(attention_mask)
     return values.gather(1, index.unsqueeze(1)).squeeze(1)

@@ -70,7 +70,8 @@ def reward_model(request, tiny_model_dir):
 
 def _pairs(tok, side="right"):
     prompt = encode_prompt(tok, [{"role": "user", "content": "How do I bake bread?"}])
-    rows = [prompt + encode_response(tok, a) for a in ("Mix flour and water.", "No.", "Knead it, rest it, bake it well.")]
+    answers = ("Mix flour and water.", "No.", "Knead it, rest it, bake it well.")
+    rows = [prompt + encode_response(tok, a) for a in answers]
     return pad(rows, tok.pad_token_id, side)
 
 

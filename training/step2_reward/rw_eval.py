@@ -129,7 +129,8 @@ def load_reward_model(name_or_path: str, dtype: str = "fp32"):
     model, info = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path(name_or_path), num_labels=1, dtype=dtypes[dtype], output_loading_info=True)
     if any(k.startswith("score.") for k in info["missing_keys"]):
-        raise ValueError(f"{name_or_path} has no trained score head (is it a step-2 output?); its scores would be random")
+        raise ValueError(f"{name_or_path} has no trained score head (is it a step-2 output?); "
+                         "its scores would be random")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ValueError(f"{name_or_path}: the tokenizer has {len(tokenizer)} tokens but the model only "
                          f"{model.get_input_embeddings().num_embeddings} embeddings; save them together")

@@ -83,8 +83,8 @@ def planted_run(tiny_model_dir, planted, tmp_path_factory):
     """A tiny llama trained on the planted preference (shared by the tests that read its output)."""
     tmp = tmp_path_factory.mktemp("rm")
     out = tmp / "rm"
-    cfg = from_flat(RewardConfig, _flags(tiny_model_dir("llama"), out, planted, tmp / "cache", max_steps=120, num_train_epochs=6,
-                                         eval_interval=40))
+    cfg = from_flat(RewardConfig, _flags(tiny_model_dir("llama"), out, planted, tmp / "cache", max_steps=60,
+                                         num_train_epochs=3, eval_interval=20))
     metrics = rm_main.run(cfg)
     return cfg, out, metrics
 
@@ -100,7 +100,7 @@ def test_planted_marker_is_learned_to_over_95_percent_held_out(planted_run, tiny
     assert metrics["eval/chosen_score"] > metrics["eval/rejected_score"]
     assert metrics["eval/margin"] == pytest.approx(metrics["eval/chosen_score"] - metrics["eval/rejected_score"])
     # Evaluated before training, every --eval_interval steps and at the end.
-    assert [m["step"] for m in read_metrics(out) if "eval/accuracy" in m] == [0, 40, 80, 120]
+    assert [m["step"] for m in read_metrics(out) if "eval/accuracy" in m] == [0, 20, 40, 60]
     assert all(k in m for m in read_metrics(out) if "train/loss" in m for k in ("train/accuracy", "train/margin"))
 
 
