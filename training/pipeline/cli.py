@@ -122,7 +122,8 @@ def parse_options(argv: list[str] | None = None) -> PipelineOptions:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = vars(build_parser().parse_args(_attach_flag_values(argv)))
     opts = PipelineOptions(**{f.name: args[f.name] for f in fields(PipelineOptions) if f.name in args})
-    opts.command = " ".join([PROG] + [shlex.quote(a) for a in argv])
+    prog = "python train.py" if Path(sys.argv[0]).name == "train.py" else PROG
+    opts.command = " ".join([prog] + [shlex.quote(a) for a in argv])
     return opts
 
 

@@ -92,8 +92,16 @@ def _run_subprocess(plan: StepPlan, cmd: list[str], start: float, extra_env: dic
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **extra_env)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     console = getattr(sys.stdout, "buffer", None)
+    with _sigterm_raises():
+        code = _tee_process(proc, plan.log, console)
+    if code != 0:
+        reason = (f"killed by signal {-code} (out of host memory?)" if code < 0 else f"exit code {code}")
+        raise StepFailed(plan, reason, time.time() - start)
+
+
+def _tee_process(proc, log_path: Path, console) -> int:
     try:
-        with plan.log.open("ab") as log:
+        with log_path.open("ab") as log:
             while chunk := os.read(proc.stdout.fileno(), 1 << 16):
                 log.write(chunk)
                 log.flush()
@@ -102,14 +110,31 @@ def _run_subprocess(plan: StepPlan, cmd: list[str], start: float, extra_env: dic
                     console.flush()
                 else:
                     sys.stdout.write(chunk.decode(errors="replace"))
-        code = proc.wait()
-    except BaseException:  # Ctrl-C: stop the step; its checkpoints let a rerun resume
+        return proc.wait()
+    except BaseException:  # Ctrl-C or SIGTERM: stop the step too; its checkpoints let a rerun resume
         proc.terminate()
         proc.wait()
         raise
-    if code != 0:
-        reason = (f"killed by signal {-code} (out of host memory?)" if code < 0 else f"exit code {code}")
-        raise StepFailed(plan, reason, time.time() - start)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM becomes SystemExit while a step runs, so that the step is stopped with the pipeline."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_inprocess(plan: StepPlan, start: float) -> None:

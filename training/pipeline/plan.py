@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -76,7 +76,6 @@ class Plan:
     actor: dict            # recipes.model_summary of the actor
     reward: dict
     output_dir: Path
-    notes: list[str] = field(default_factory=list)
 
 
 def parse_step_args(step: Step, text: str, option: str) -> dict:

@@ -230,3 +230,34 @@ def test_step_args_take_a_lone_flag_and_the_command_is_recorded():
     opts = cli.parse_options(["--step1-args", "--offload", "--force", "--common-args", "--seed 3"])
     assert opts.step1_args == "--offload" and opts.force and opts.common_args == "--seed 3"
     assert opts.command.startswith("chatrlhf-train --step1-args --offload")
+
+
+def test_sigterm_stops_the_running_step_process(tmp_path):
+    """A pipeline killed with SIGTERM (a job scheduler, `timeout`) must not leave its step running behind it."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    from chatrlhf.training.pipeline.launch import _run_subprocess
+    from chatrlhf.training.pipeline.plan import StepPlan
+
+    plan = StepPlan(STEPS[1], tmp_path / "out", {}, tmp_path / "step1.log", tmp_path / "step1.yaml")
+    pid_file = tmp_path / "pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('up', flush=True); " \
+            "time.sleep(60)"
+
+    def terminate_when_up():
+        while not pid_file.exists() or not pid_file.read_text():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_up, daemon=True).start()
+    start = time.time()
+    with pytest.raises(SystemExit) as stopped:
+        _run_subprocess(plan, [sys.executable, "-c", child], start, {})
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert time.time() - start < 30
+    with pytest.raises(ProcessLookupError):  # the step's process is gone (terminated and reaped)
+        os.kill(int(pid_file.read_text()), 0)
+    assert "up" in plan.log.read_text()
