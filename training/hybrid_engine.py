@@ -133,21 +133,27 @@ class HybridEngine:
 
     # ---- generation mode -----------------------------------------------------------------------------
     @contextmanager
-    def generation(self, gather: bool = True, merge_lora: bool = True, release_cache: bool = False):
+    def generation(self, gather: bool = True, merge_lora: bool = True, release_cache: bool = False,
+                   layers_per_gather: int = 0):
         """Enters generation mode and yields a `generate(input_ids, attention_mask, **sampling)` callable.
 
         Entering: eval mode (no dropout), no grad, gradient checkpointing off, KV cache on; under ZeRO-3 with
         `gather`, every parameter gathered once and DeepSpeed's per-module fetch hooks taken off (otherwise
         each decoding step re-gathers every layer); LoRA folded into the weights (`merge_lora`). Leaving
-        restores all of it, also after an exception. `gather=False` keeps ZeRO-3's layer-by-layer fetching
-        (bounded memory, slow) and syncs ranks so none hangs when they finish at different lengths.
+        restores all of it, also after an exception. `layers_per_gather=k` bounds memory: only the non-layer
+        weights stay gathered, the decoder layers are gathered k at a time around their forward (one
+        all-gather per group and decoding step, LoRA unmerged). `gather=False` keeps ZeRO-3's per-module
+        fetching (plain ZeRO-3 generate). Both sync ranks so none hangs when they finish at different lengths.
         """
         if self.mode == "generate":
             raise RuntimeError("already in generation mode")
+        if layers_per_gather < 0:
+            raise ValueError(f"layers_per_gather must be >= 0 (0: the whole model at once), not {layers_per_gather}")
         module = self.module
         was_training, saved_mode = module.training, self.mode
         checkpointing = getattr(module, "is_gradient_checkpointing", False)
-        gathered = gather and self.zero_stage == 3
+        gathered = gather and self.zero_stage == 3 and not layers_per_gather
+        grouped = gather and self.zero_stage == 3 and layers_per_gather > 0
         self.mode = "generate"
         with ExitStack() as stack:
             try:
@@ -156,8 +162,10 @@ class HybridEngine:
                     module.gradient_checkpointing_disable()
                 if gathered:
                     stack.enter_context(_gathered_without_hooks(self.engine))
-                # Ungathered ZeRO-3 weights are empty placeholders refilled on every forward: nothing to merge
-                # into, so the adapters run unmerged there.
+                elif grouped:
+                    stack.enter_context(_gathered_by_layer_groups(self.engine, layers_per_gather))
+                # Ungathered (or group-by-group gathered) ZeRO-3 weights are empty placeholders between forwards:
+                # nothing to merge into, so the adapters run unmerged there.
                 if merge_lora and self.lora_scaling is not None and (self.zero_stage != 3 or gathered):
                     stack.enter_context(_lora_merged(module))
                 stack.enter_context(torch.no_grad())
@@ -210,6 +218,55 @@ def _gathered_without_hooks(engine):
             yield
         finally:
             offload._register_deepspeed_module(offload.module)
+
+
+@contextmanager
+def _gathered_by_layer_groups(engine, per_group: int):
+    """ZeRO-3 with bounded memory: the weights outside the decoder layers (embeddings, final norm, head) gathered
+    for the duration, the layers `per_group` at a time from the pre-hook of a group's first layer to the hook
+    after its last (DeepSpeed-Chat's --tp_gather_partition_size granularity); fetch hooks off, as above."""
+    import deepspeed
+
+    layers = decoder_layers(engine.module)
+    in_layers = {id(p) for p in layers.parameters()}
+    rest = [p for p in engine.module.parameters() if id(p) not in in_layers]
+    offload = _zero3_offload(engine)
+    handles, current = [], []
+
+    def gather(group):
+        def hook(module, args):
+            ctx = deepspeed.zero.GatheredParameters(list(group.parameters()))
+            ctx.__enter__()
+            current.append(ctx)
+        return hook
+
+    def release(module, args, output):
+        current.pop().__exit__(None, None, None)
+
+    with deepspeed.zero.GatheredParameters(rest):
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            for start in range(0, len(layers), per_group):
+                group = layers[start:start + per_group]
+                handles.append(group[0].register_forward_pre_hook(gather(group)))
+                handles.append(group[-1].register_forward_hook(release))
+            yield
+        finally:
+            while current:  # an exception inside a group's forward
+                current.pop().__exit__(None, None, None)
+            for handle in handles:
+                handle.remove()
+            offload._register_deepspeed_module(offload.module)
+
+
+def decoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of transformer blocks: the ModuleList holding the most parameters (`model.layers`, `h`, ...)."""
+    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(module).__name__} has no ModuleList of decoder layers to gather group by group")
+    return max(lists, key=lambda m: sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in m.parameters()))
 
 
 @contextmanager

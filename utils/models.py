@@ -134,7 +134,9 @@ def add_lora(model, *, dim: int, alpha: float | None, dropout: float, module_nam
                         target_modules=targets, modules_to_save=["score"] if head == "score" else None)
     if getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    model = get_peft_model(model, config)
+    # Adapters in the base weights' dtype (peft would upcast them to fp32): ZeRO-3 needs one dtype among the
+    # trained tensors, and DeepSpeed's bf16/fp16 optimizers keep fp32 master copies anyway.
+    model = get_peft_model(model, config, autocast_adapter_dtype=False)
     if not only_optimize_lora:
         for name, p in model.named_parameters():
             if "lora_" not in name:

@@ -3,9 +3,9 @@ deepspeed launcher (not collected by pytest).
 
 Each rank greedily decodes its OWN prompts (a different number of them, a different max_new_tokens and an
 EOS that ends one row early), so the ranks leave `generate` at different times. For every case (with and
-without LoRA; parameters gathered, or fetched layer by layer with `gather=False`) the hybrid engine's output
-is compared with plain `generate` on an un-wrapped copy of the same weights, then one training step runs
-(the ZeRO-3 hooks are back). Each rank writes `<out>/rank_<r>.json`.
+without LoRA; parameters gathered at once, a layer at a time, or fetched per module with `gather=False`) the
+hybrid engine's output is compared with plain `generate` on an un-wrapped copy of the same weights, then one
+training step runs (the ZeRO-3 hooks are back). Each rank writes `<out>/rank_<r>.json`.
 
   deepspeed --num_gpus 2 tests/training/_he_two_ranks.py --model DIR --out DIR
 """
@@ -33,7 +33,10 @@ def greedy(model, tok, enc, max_new_tokens: int, eos: int) -> torch.Tensor:
                               eos_token_id=eos)
 
 
-def run_case(model_dir: str, tok, zero_config: str, lora: bool, gather: bool) -> dict:
+MODES = {"1": dict(gather=True), "layers": dict(gather=True, layers_per_gather=1), "0": dict(gather=False)}
+
+
+def run_case(model_dir: str, tok, zero_config: str, lora: bool, mode: dict) -> dict:
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same LoRA weights on every rank
     model = load_model(model_dir, tok)
@@ -51,7 +54,7 @@ def run_case(model_dir: str, tok, zero_config: str, lora: bool, gather: bool) ->
     free = greedy(plain, tok, enc, n, eos=tok.eos_token_id)[0, enc.input_ids.size(1):]
     eos = int(free[min(2, len(free) - 1)])
     expected = greedy(plain, tok, enc, n, eos)
-    with engine.generation(gather=gather) as gen:
+    with engine.generation(**mode) as gen:
         got = gen(enc.input_ids, enc.attention_mask, max_new_tokens=n, pad_token_id=tok.pad_token_id,
                   eos_token_id=eos, do_sample=False)
     # A training step afterwards: ZeRO-3's fetch hooks and the training mode are back.
@@ -82,8 +85,8 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_distributed()
     tok = load_tokenizer(args.model, padding_side="left")
-    results = {f"lora={int(lora)},gather={int(gather)}": run_case(args.model, tok, args.zero_config, lora, gather)
-               for lora in (False, True) for gather in (True, False)}
+    results = {f"lora={int(lora)},gather={name}": run_case(args.model, tok, args.zero_config, lora, mode)
+               for lora in (False, True) for name, mode in MODES.items()}
     Path(args.out, f"rank_{dist.get_rank()}.json").write_text(json.dumps(results))
     dist.barrier()
 

@@ -111,11 +111,12 @@ def test_greedy_generation_equals_plain_generate_and_leaves_weights_bit_identica
         with plain.disable_adapter():
             assert not torch.equal(greedy(plain, tok, enc, 12, eos), expected)
     before = full_weights(engine)
-    for gather in (True, False):  # gather=False: DeepSpeed-Chat's --unpin_actor_parameters
-        with engine.generation(gather=gather) as gen:
+    # All at once; a layer at a time (--unpin_actor_parameters); plain ZeRO-3 per-module fetching.
+    for mode in (dict(gather=True), dict(gather=True, layers_per_gather=1), dict(gather=False)):
+        with engine.generation(**mode) as gen:
             out = gen(enc["input_ids"], enc["attention_mask"], max_new_tokens=12, pad_token_id=tok.pad_token_id,
                       eos_token_id=eos, do_sample=False)
-        assert torch.equal(out, expected), (gather, out[:, P:], expected[:, P:])
+        assert torch.equal(out, expected), (mode, out[:, P:], expected[:, P:])
         after = full_weights(engine)  # the LoRA merge was undone exactly, not by subtraction
         assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
@@ -140,6 +141,40 @@ def test_inside_generation_mode(model_dir, zero3_config, tok):
             eos_token_id=tok.eos_token_id, do_sample=False)
     assert engine.mode == "train" and module.training and module.is_gradient_checkpointing
     assert all(p.numel() == 0 for p in params) and len(offload.forward_hooks) == hooks
+
+
+def test_layer_groups_bound_what_is_gathered(model_dir, zero3_config, tok):
+    """--unpin_actor_parameters: while a decoder layer runs, only its group is whole; the rest of the model (embeddings,
+    final norm, head) stays gathered; nothing is left gathered afterwards and the fetch hooks are back."""
+    from chatrlhf.training.hybrid_engine import decoder_layers
+
+    engine, _ = make(model_dir, 3, zero3_config, lora=True)
+    module, offload = engine.module, engine.engine.optimizer.parameter_offload
+    hooks = len(offload.forward_hooks)
+    layers = decoder_layers(module)
+    assert len(layers) == 2 and layers is module.get_base_model().model.layers
+    whole = [[] for _ in layers]  # per layer forward: which layers were whole while it ran
+
+    def probe(i):
+        def hook(layer, args):
+            whole[i].append([all(p.shape == p.ds_shape for p in other.parameters()) for other in layers])
+        return hook
+
+    probes = [layer.self_attn.register_forward_pre_hook(probe(i)) for i, layer in enumerate(layers)]
+    with engine.generation(layers_per_gather=1) as gen:
+        head = module.get_base_model().lm_head.weight
+        assert head.shape == head.ds_shape and offload.forward_hooks == []
+        assert not any(p.shape == p.ds_shape for p in layers.parameters())  # between forwards: all released
+        gen(*tok(PROMPTS[:1], return_tensors="pt").values(), max_new_tokens=3, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, do_sample=False)
+    for probe_handle in probes:
+        probe_handle.remove()
+    assert whole[0] and all(w == [True, False] for w in whole[0]), whole[0]
+    assert whole[1] and all(w == [False, True] for w in whole[1]), whole[1]
+    assert all(p.numel() == 0 for p in module.parameters()) and len(offload.forward_hooks) == hooks
+    with pytest.raises(ValueError, match="layers_per_gather"):
+        with engine.generation(layers_per_gather=-1):
+            pass
 
 
 def test_mode_restored_after_an_exception_and_training_works(model_dir, zero3_config, tok):
@@ -213,7 +248,7 @@ def test_two_ranks_zero3_match_plain_generate_when_ranks_finish_at_different_len
     deepspeed_launch(str(TWO_RANKS_SCRIPT), ["--model", model_dir, "--out", tmp_path, "--zero_config", zero3_config],
                      timeout=300)  # a hang fails here
     ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys() == {f"lora={lora},gather={g}" for lora in (0, 1) for g in (0, 1)}
+    assert ranks[0].keys() == ranks[1].keys() == {f"lora={lora},gather={g}" for lora in (0, 1) for g in ("0", "1", "layers")}
     for case in ranks[0]:
         r0, r1 = ranks[0][case], ranks[1][case]
         assert r0["equal"] and r1["equal"], (case, r0, r1)
@@ -223,3 +258,26 @@ def test_two_ranks_zero3_match_plain_generate_when_ranks_finish_at_different_len
         assert r0["training"] and r1["training"] and r0["loss"] == pytest.approx(r1["loss"])
     # LoRA changes the answers (its B matrices are not zero here).
     assert ranks[1]["lora=1,gather=1"]["hybrid"] != ranks[1]["lora=0,gather=1"]["hybrid"]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+@pytest.mark.parametrize("head", ["causal_lm", "score"])
+def test_bf16_lora_engine_trains_under_every_zero_stage(model_dir, zero3_config, tok, zero_stage, head):
+    """bf16 base weights with LoRA adapters (peft would make the adapters fp32; ZeRO-3 needs one dtype among the
+    trained tensors, and DeepSpeed keeps fp32 master copies anyway)."""
+    model = load_model(str(model_dir), tok, head=head, dtype=torch.bfloat16)
+    model = add_lora(model, dim=4, alpha=8, dropout=0.0, module_name=None, only_optimize_lora=True, head=head)
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert trained == {torch.bfloat16}
+    engine = build_engine(model, zero_stage=zero_stage, dtype="bf16", micro_batch_size=2, learning_rate=1e-2,
+                          lora_learning_rate=1e-2, user_config_path=zero3_config if zero_stage == 3 else None)
+    batch = tok(["a short training text", "and another"], return_tensors="pt", padding=True)
+    engine.train()
+    losses = []
+    for _ in range(3):
+        out = engine(**batch, **({"labels": batch["input_ids"]} if head == "causal_lm" else {}))
+        loss = out.loss if head == "causal_lm" else out.logits.float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses

@@ -74,20 +74,29 @@ class HybridEngineArgs:
     """DeepSpeed-Chat's hybrid-engine knobs, with what each means here."""
 
     enable_hybrid_engine: bool = True
-    """Generate with ZeRO-3 parameters gathered once and LoRA merged (false: plain per-layer ZeRO-3 generate)."""
+    """Generate with ZeRO-3 parameters gathered once and LoRA merged (false: plain per-module ZeRO-3 generate)."""
     unpin_actor_parameters: bool = False
-    """Do not gather the whole actor for generation: fetch layer by layer (less memory, much slower)."""
+    """Do not keep the whole actor gathered while generating under ZeRO-3: gather --tp_gather_partition_size
+    decoder layers at a time around their forward (memory: one group instead of the model; slower)."""
     release_inference_cache: bool = False
     """Empty the accelerator cache after each generation (room for bigger training batches)."""
     inference_tp_size: int = 1
     """Tensor-parallel generation: not supported (only 1)."""
     tp_gather_partition_size: int = 8
-    """Layers per gather when converting to tensor-parallel slices: unused without tensor parallelism."""
+    """Decoder layers gathered at a time with --unpin_actor_parameters (DeepSpeed-Chat's gather granularity)."""
 
     def __post_init__(self):
         if self.inference_tp_size != 1:
             raise ValueError("--inference_tp_size > 1 is not supported: chatrlhf generates with the whole actor "
-                             "gathered on each rank (use ZeRO-3 with --offload to fit bigger actors)")
+                             "gathered on each rank (use ZeRO-3 with --offload to fit bigger actors, or "
+                             "--unpin_actor_parameters to gather a few layers at a time)")
+        if self.tp_gather_partition_size < 1:
+            raise ValueError(f"--tp_gather_partition_size must be at least 1, not {self.tp_gather_partition_size}")
+
+    def generation_mode(self) -> dict:
+        """Keyword arguments of HybridEngine.generation for rollouts."""
+        return dict(gather=self.enable_hybrid_engine, release_cache=self.release_inference_cache,
+                    layers_per_gather=self.tp_gather_partition_size if self.unpin_actor_parameters else 0)
 
 
 @dataclass

@@ -96,11 +96,12 @@ def response_values(critic, sequences, attention_mask, prompt_len: int) -> torch
 
 @torch.no_grad()
 def generate(actor, prompts: torch.Tensor, prompt_mask: torch.Tensor, *, tokenizer, sampling: dict,
-             max_new_tokens: int, gather: bool = True, release_cache: bool = False):
+             max_new_tokens: int, **mode):
     """(B, P) left-padded prompts -> (sequences (B, P+R), action_mask (B, R), has_eos (B,)).
 
-    Generation stops at EOS; positions after it are padding and get action_mask 0."""
-    with actor.generation(gather=gather, release_cache=release_cache) as gen:
+    `mode`: the hybrid engine's generation settings (HybridEngineArgs.generation_mode()). Generation stops at
+    EOS; positions after it are padding and get action_mask 0."""
+    with actor.generation(**mode) as gen:
         sequences = gen(prompts, prompt_mask, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id, **sampling)
     P = prompts.size(1)

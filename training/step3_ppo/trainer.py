@@ -47,8 +47,7 @@ def make_rollout(models: Models, batch: dict, cfg, timings: dict | None = None) 
     prompts, prompt_mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
     sequences, action_mask, has_eos = generate(
         actor, prompts, prompt_mask, tokenizer=models.tokenizer, sampling=cfg.generation.sampling(),
-        max_new_tokens=cfg.max_answer_seq_len, gather=cfg.hybrid.enable_hybrid_engine and not
-        cfg.hybrid.unpin_actor_parameters, release_cache=cfg.hybrid.release_inference_cache)
+        max_new_tokens=cfg.max_answer_seq_len, **cfg.hybrid.generation_mode())
     t1 = time.time()
     reward_inputs = None
     if callable(models.reward) and not hasattr(models.reward, "engine"):

@@ -235,6 +235,7 @@ def test_lora_actor_uses_itself_without_adapters_as_reference(tiny_model_dir, pr
 
 @pytest.mark.parametrize("flag,value,message", [
     ("inference_tp_size", 2, "--inference_tp_size > 1 is not supported"),
+    ("tp_gather_partition_size", 0, "--tp_gather_partition_size must be at least 1"),
     ("enable_mixed_precision_lora", True, "--enable_mixed_precision_lora .* not supported"),
 ])
 def test_unsupported_flags_are_refused(flag, value, message, capsys):
@@ -302,3 +303,15 @@ def test_pretraining_mix_adds_a_language_model_loss(tiny_model_dir, prompts, tmp
     assert all(5.0 < steps[s]["ppo/loss/ptx"] < 8.0 for s in steps), steps
     # brevity = 1 / (1 + words / 10) of a decoded answer: in (0, 1].
     assert all(0.0 < steps[s]["objective/scores"] <= 1.0 for s in steps)
+
+
+def test_hybrid_engine_flags_choose_how_rollouts_gather():
+    """DeepSpeed-Chat's knobs -> HybridEngine.generation: gathered at once by default, --tp_gather_partition_size
+    layers at a time with --unpin_actor_parameters, plain per-module ZeRO-3 without the hybrid engine."""
+    def mode(**flags):
+        return from_flat(PPOConfig, flags).hybrid.generation_mode()
+
+    assert mode() == dict(gather=True, release_cache=False, layers_per_gather=0)
+    assert mode(unpin_actor_parameters=True, tp_gather_partition_size=4)["layers_per_gather"] == 4
+    assert mode(enable_hybrid_engine=False)["gather"] is False
+    assert mode(release_inference_cache=True)["release_cache"] is True
