@@ -168,3 +168,15 @@ def deepspeed_launch():
         return proc
 
     return launch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models gain
+    nothing from intra-op threads, and on a shared 2-core machine they oversubscribe it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -3,8 +3,9 @@
 #
 # ACTOR and CRITIC are the outputs of steps 1 and 2 (for example those of `python train.py`: output/step1_sft and
 # output/step2_reward); the reward model is the critic's starting point, as in DeepSpeed-Chat. Prompts are the step-3
-# share of the bundled HH-RLHF sample (--data_split 2,4,4, the pipeline's split); the 80 held-out prompts are scored
-# by the frozen reward model before the first and after the last PPO step (eval/score_mean, eval/kl in metrics.jsonl).
+# share of the bundled HH-RLHF sample (--data_split 2,4,4, the pipeline's split), a quarter held out: those 199
+# prompts are answered (sampled, fixed seed) and scored by the frozen reward model before the first and after the
+# last PPO step (eval/score_mean, eval/kl in metrics.jsonl). 12 PPO steps of 16 rollouts (8 per rank).
 #
 #   ZERO=2|3  ZeRO stage of actor and critic (default 3)
 #   LORA=1    LoRA rank 16 on the last transformer block, base frozen (--only_optimize_lora): the cheap variant
@@ -22,7 +23,7 @@ LORA=${LORA:-1}
 OUT=${OUT:-output/step3_ppo_zero${ZERO}_lora${LORA}}
 
 if [[ $LORA == 1 ]]; then
-  TUNE=(--actor_lora_dim 16 --actor_lora_module_name layers.29. --actor_lora_learning_rate 2e-3
+  TUNE=(--actor_lora_dim 16 --actor_lora_module_name layers.29. --actor_lora_learning_rate 3e-3
         --critic_lora_dim 16 --critic_lora_module_name layers.29. --critic_lora_learning_rate 1e-3
         --critic_learning_rate 1e-3 --only_optimize_lora)
 else
@@ -33,11 +34,11 @@ fi
 OMP_NUM_THREADS=1 deepspeed --num_gpus 2 training/step3_ppo/main.py \
   --actor_model_name_or_path "$ACTOR" --critic_model_name_or_path "$CRITIC" \
   --actor_zero_stage "$ZERO" --critic_zero_stage "$ZERO" --enable_hybrid_engine \
-  --data_path hh-rlhf-demo --data_split 2,4,4 --eval_fraction 0.1 --skip_malformed \
+  --data_path hh-rlhf-demo --data_split 2,4,4 --eval_fraction 0.25 --skip_malformed \
   --dtype bf16 --lr_scheduler_type constant "${TUNE[@]}" \
   --max_prompt_seq_len 64 --max_answer_seq_len 32 \
-  --per_device_generation_batch_size 4 --per_device_training_batch_size 4 --ppo_epochs 2 \
-  --kl_coef 0.05 --max_steps 16 --save_interval 4 \
-  --per_device_eval_batch_size 20 --eval_iters 2 \
+  --per_device_generation_batch_size 8 --per_device_training_batch_size 8 --ppo_epochs 2 \
+  --kl_coef 0.05 --max_steps 12 --save_interval 4 \
+  --per_device_eval_batch_size 25 --eval_iters 4 \
   --output_dir "$OUT" --enable_tensorboard \
   "$@"

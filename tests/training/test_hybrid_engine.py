@@ -18,13 +18,7 @@ TWO_RANKS_SCRIPT = Path(__file__).resolve().parent / "_he_two_ranks.py"
 PROMPTS = ["hello there", "The quick brown fox jumps", "how can I help?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they oversubscribe it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

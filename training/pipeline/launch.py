@@ -63,11 +63,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_threads() -> int:
+def cpu_threads(interval: float = 0.5) -> int:
     """Threads for a one-process CPU step: the cores other processes leave idle. An OpenMP team waits for its
     slowest thread at every operator, so on a busy machine two threads can be many times slower than one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    return max(1, min(cores, round(cores - busy_cores(interval))))
+
+
+def busy_cores(interval: float) -> float:
+    """Cores in use right now, measured over `interval` seconds from /proc/stat; elsewhere the 1-minute load
+    average (which would still count a `pip install` that has just finished)."""
+    try:
+        busy0, total0 = _cpu_jiffies()
+        time.sleep(interval)
+        busy1, total1 = _cpu_jiffies()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    total = total1 - total0
+    return (os.cpu_count() or 1) * (busy1 - busy0) / total if total > 0 else 0.0
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(values) - values[3] - values[4], sum(values)
 
 
 def run_step(plan: StepPlan, cmd: list[str] | None, env: dict | None = None) -> float:

@@ -261,3 +261,27 @@ def test_sigterm_stops_the_running_step_process(tmp_path):
     with pytest.raises(ProcessLookupError):  # the step's process is gone (terminated and reaped)
         os.kill(int(pid_file.read_text()), 0)
     assert "up" in plan.log.read_text()
+
+
+def test_cpu_threads_count_the_cores_idle_now(monkeypatch):
+    """One-process CPU steps get the cores that are idle at launch, not those the 1-minute load average (still
+    counting the `pip install` before `python train.py`) leaves."""
+    from chatrlhf.training.pipeline import launch
+
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # what a just-finished install leaves
+    samples = iter([(1000, 5000), (1000, 5100)])  # (busy, total) jiffies: nothing ran between the two reads
+    monkeypatch.setattr(launch, "_cpu_jiffies", lambda: next(samples))
+    assert launch.cpu_threads(interval=0) == 2
+    samples = iter([(1000, 5000), (1050, 5100)])  # one of the two cores busy
+    monkeypatch.setattr(launch, "_cpu_jiffies", lambda: next(samples))
+    assert launch.cpu_threads(interval=0) == 1
+
+    def no_proc():
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(launch, "_cpu_jiffies", no_proc)  # elsewhere: the load average
+    assert launch.cpu_threads(interval=0) == 1
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert launch.cpu_threads(interval=0) == 2

@@ -20,12 +20,7 @@ from chatrlhf.utils.models import load_model, load_tokenizer
 EOS = 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_pad(tokenizer):

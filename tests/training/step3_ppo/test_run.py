@@ -29,13 +29,7 @@ STEP_KEYS = ("objective/scores", "objective/kl", "ppo/loss/policy", "ppo/loss/va
 EVAL_KEYS = ("eval/score_mean", "eval/kl", "eval/response_length")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they oversubscribe it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
