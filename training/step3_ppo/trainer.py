@@ -145,7 +145,7 @@ def ppo_update(models: Models, r: Rollout, cfg, ptx_batches=None) -> dict:
 def evaluate(models: Models, loader, cfg, max_batches: int) -> dict:
     """Reward-model score and KL to the reference on held-out prompts; sampled with a fixed seed so that
     evaluations before and after training see the same randomness, without touching the training RNG."""
-    totals = torch.zeros(4, dtype=torch.float64)
+    totals = torch.zeros(5, dtype=torch.float64)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         for i, batch in enumerate(loader):
@@ -153,12 +153,15 @@ def evaluate(models: Models, loader, cfg, max_batches: int) -> dict:
                 break
             r = make_rollout(models, batch, cfg)
             kl = core.masked_sum(r.logprobs - r.ref_logprobs, r.action_mask, dim=1)
-            totals += torch.tensor([r.scores.sum().item(), kl.sum().item(), r.action_mask.sum().item(),
-                                    len(r.scores)], dtype=torch.float64)
-    totals = dist.all_reduce_sum(totals.to(dist.device())).cpu()
-    n = max(totals[3].item(), 1.0)
-    return {"eval/score_mean": totals[0].item() / n, "eval/kl": totals[1].item() / n,
-            "eval/response_length": totals[2].item() / n}
+            scores = r.scores.double()
+            totals += torch.tensor([scores.sum().item(), scores.square().sum().item(), kl.sum().item(),
+                                    r.action_mask.sum().item(), len(scores)], dtype=torch.float64)
+    score, square, kl, length, n = dist.all_reduce_sum(totals.to(dist.device())).cpu().tolist()
+    n = max(n, 1.0)
+    # The spread of the answers' scores, so that a before/after difference can be read against it.
+    std = max(square / n - (score / n) ** 2, 0.0) ** 0.5
+    return {"eval/score_mean": score / n, "eval/score_std": std, "eval/kl": kl / n, "eval/response_length": length / n,
+            "eval/answers": n}
 
 
 # ---- the loop -------------------------------------------------------------------------------------------

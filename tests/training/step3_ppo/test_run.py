@@ -26,7 +26,7 @@ WORDS = "cat sat mat food car dog see then moon star bed hat pen ox".split()
 STEP_KEYS = ("objective/scores", "objective/kl", "ppo/loss/policy", "ppo/loss/value", "ppo/policy/clipfrac",
              "ppo/policy/approxkl", "ppo/val/explained_variance", "ppo/response_length", "time/generation",
              "time/scoring", "time/training", "throughput/tokens_per_second")
-EVAL_KEYS = ("eval/score_mean", "eval/kl", "eval/response_length")
+EVAL_KEYS = ("eval/score_mean", "eval/score_std", "eval/kl", "eval/response_length", "eval/answers")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,6 +108,8 @@ def test_a_rule_based_reward_is_learned_stably(tiny_model_dir, prompts, tmp_path
     assert evals[-1]["eval/score_mean"] > evals[0]["eval/score_mean"] + 0.08, evals
     assert final["eval/score_mean"] == evals[-1]["eval/score_mean"]
     assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # before training the actor is the reference
+    assert all(e["eval/answers"] == 32 for e in evals)  # 2 batches of 16 held-out prompts, none dropped
+    assert all(0 < e["eval/score_std"] < 0.5 for e in evals)  # vowel fractions lie in [0, 1]
     AutoModelForCausalLM.from_pretrained(out / "actor")
 
 
