@@ -209,15 +209,8 @@ def _gathered_without_hooks(engine):
     unwrap_model_for_generation and DeepSpeed's own, but restored even when generation raises)."""
     import deepspeed
 
-    offload = _zero3_offload(engine)
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            offload._register_deepspeed_module(offload.module)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())), _fetch_hooks_off(engine):
+        yield
 
 
 @contextmanager
@@ -230,7 +223,6 @@ def _gathered_by_layer_groups(engine, per_group: int):
     layers = decoder_layers(engine.module)
     in_layers = {id(p) for p in layers.parameters()}
     rest = [p for p in engine.module.parameters() if id(p) not in in_layers]
-    offload = _zero3_offload(engine)
     handles, current = [], []
 
     def gather(group):
@@ -243,10 +235,7 @@ def _gathered_by_layer_groups(engine, per_group: int):
     def release(module, args, output):
         current.pop().__exit__(None, None, None)
 
-    with deepspeed.zero.GatheredParameters(rest):
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
+    with deepspeed.zero.GatheredParameters(rest), _fetch_hooks_off(engine):
         try:
             for start in range(0, len(layers), per_group):
                 group = layers[start:start + per_group]
@@ -258,7 +247,20 @@ def _gathered_by_layer_groups(engine, per_group: int):
                 current.pop().__exit__(None, None, None)
             for handle in handles:
                 handle.remove()
-            offload._register_deepspeed_module(offload.module)
+
+
+@contextmanager
+def _fetch_hooks_off(engine):
+    """ZeRO-3's per-module fetch hooks removed for the duration (each forward would re-gather every layer),
+    registered again afterwards, also after an exception."""
+    offload = _zero3_offload(engine)
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        offload._register_deepspeed_module(offload.module)
 
 
 def decoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
