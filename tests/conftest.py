@@ -139,6 +139,20 @@ def hh_rlhf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def hh_rlhf_sample(hh_rlhf_path):
+    """`hh_rlhf_sample(n, directory)`: the first `n` real HH-RLHF pairs as a local JSONL file, as a user's own
+    file would be."""
+
+    def write(n: int, directory: Path) -> Path:
+        path = Path(directory) / f"hh{n}.jsonl"
+        with gzip.open(hh_rlhf_path, "rt") as f, path.open("w") as out:
+            out.writelines(line for _, line in zip(range(n), f))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def deepspeed_launch():
     """`deepspeed_launch(target, args, num_ranks=2, timeout=600)`: runs the `deepspeed` launcher on this machine;
     `target` is a module (`--module`) or, when it ends in .py, a script path.

@@ -10,7 +10,6 @@ Runs on CUDA and on DeepSpeed's CPU accelerator alike; `deepspeed` is imported l
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 from chatrlhf.training.ds_config import build_ds_config, read_user_config, resolve_dtype
 from chatrlhf.utils import distributed as dist
-from chatrlhf.utils.models import merge_lora_state_dict
+from chatrlhf.utils.models import decoder_layers, merge_lora_state_dict
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -220,14 +219,14 @@ def _gathered_by_layer_groups(engine, per_group: int):
     after its last (DeepSpeed-Chat's --tp_gather_partition_size granularity); fetch hooks off, as above."""
     import deepspeed
 
-    layers = decoder_layers(engine.module)
+    _, layers = decoder_layers(engine.module)
     in_layers = {id(p) for p in layers.parameters()}
     rest = [p for p in engine.module.parameters() if id(p) not in in_layers]
     handles, current = [], []
 
-    def gather(group):
+    def gather(params):
         def hook(module, args):
-            ctx = deepspeed.zero.GatheredParameters(list(group.parameters()))
+            ctx = deepspeed.zero.GatheredParameters(params)
             ctx.__enter__()
             current.append(ctx)
         return hook
@@ -239,7 +238,7 @@ def _gathered_by_layer_groups(engine, per_group: int):
         try:
             for start in range(0, len(layers), per_group):
                 group = layers[start:start + per_group]
-                handles.append(group[0].register_forward_pre_hook(gather(group)))
+                handles.append(group[0].register_forward_pre_hook(gather(list(group.parameters()))))
                 handles.append(group[-1].register_forward_hook(release))
             yield
         finally:
@@ -261,14 +260,6 @@ def _fetch_hooks_off(engine):
         yield
     finally:
         offload._register_deepspeed_module(offload.module)
-
-
-def decoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
-    """The stack of transformer blocks: the ModuleList holding the most parameters (`model.layers`, `h`, ...)."""
-    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    if not lists:
-        raise ValueError(f"{type(module).__name__} has no ModuleList of decoder layers to gather group by group")
-    return max(lists, key=lambda m: sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in m.parameters()))
 
 
 @contextmanager

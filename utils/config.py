@@ -216,13 +216,14 @@ def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
         parser.error(str(e))
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, option: str = "--config") -> dict[str, Any]:
+    """A YAML mapping of flag names (leading dashes dropped) to values."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config: no such file {path}")
+        raise FileNotFoundError(f"{option}: no such file {path}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}")
+        raise ValueError(f"{path}: expected a YAML mapping (name: value), got {type(data).__name__}")
     return {str(k).lstrip("-"): v for k, v in data.items()}
 
 

@@ -106,6 +106,15 @@ def _init_head(weight: torch.Tensor, std: float, partitioned: bool) -> None:
             weight.normal_(0.0, std)
 
 
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(qualified name, the stack of transformer blocks): the ModuleList holding the most parameters
+    (`model.layers`, `transformer.h`, ...); ZeRO-3-partitioned and meta-device parameters count by their full size."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks")
+    return max(lists, key=lambda item: sum(getattr(p, "ds_numel", p.numel()) for p in item[1].parameters()))
+
+
 def lora_target_modules(model, module_name: str | None) -> list[str]:
     """Names of the Linear layers that get LoRA: those containing `module_name`, or all inside the blocks."""
     from transformers.pytorch_utils import Conv1D  # GPT-2's Linear

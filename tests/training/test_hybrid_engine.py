@@ -140,12 +140,12 @@ def test_inside_generation_mode(model_dir, zero3_config, tok):
 def test_layer_groups_bound_what_is_gathered(model_dir, zero3_config, tok):
     """--unpin_actor_parameters: while a decoder layer runs, only its group is whole; the rest of the model (embeddings,
     final norm, head) stays gathered; nothing is left gathered afterwards and the fetch hooks are back."""
-    from chatrlhf.training.hybrid_engine import decoder_layers
+    from chatrlhf.utils.models import decoder_layers
 
     engine, _ = make(model_dir, 3, zero3_config, lora=True)
     module, offload = engine.module, engine.engine.optimizer.parameter_offload
     hooks = len(offload.forward_hooks)
-    layers = decoder_layers(module)
+    _, layers = decoder_layers(module)
     assert len(layers) == 2 and layers is module.get_base_model().model.layers
     whole = [[] for _ in layers]  # per layer forward: which layers were whole while it ran
 

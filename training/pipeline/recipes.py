@@ -19,7 +19,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-import yaml
+from chatrlhf.utils.config import read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,7 @@ def recipe_path(num_params: float, deployment: str) -> Path:
 
 def read_recipe(path: str | Path) -> dict[str, dict]:
     """{section: {flag: value}} from a recipe file; unknown sections are errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--recipe: no such file {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a mapping of sections ({', '.join(SECTIONS)})")
+    data = read_yaml(path, option="--recipe")
     unknown = sorted(set(data) - set(SECTIONS) - {"description"})
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; accepted: {', '.join(SECTIONS)}")
@@ -77,8 +72,7 @@ def read_recipe(path: str | Path) -> dict[str, dict]:
 
 
 def describe(path: str | Path) -> str:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    return str(data.get("description", "")).strip()
+    return str(read_yaml(path, option="--recipe").get("description", "")).strip()
 
 
 def model_summary(name_or_path: str) -> dict:
@@ -115,13 +109,13 @@ def _estimate_params(config) -> float:
 
 
 def _last_block(model) -> str | None:
-    """"model.layers.29." for the last block of the longest ModuleList (the transformer blocks)."""
-    import torch
+    """"model.layers.29." for the last of the model's transformer blocks."""
+    from chatrlhf.utils.models import decoder_layers
 
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    if not lists:
+    try:
+        name, blocks = decoder_layers(model)
+    except ValueError:
         return None
-    name, blocks = max(lists, key=lambda item: len(item[1]))
     return f"{name}.{len(blocks) - 1}."
 
 

@@ -139,17 +139,12 @@ def plot_step(n: int, output_dir: Path, png: Path) -> bool:
 # ---- sample answers ----------------------------------------------------------------------------------------
 def heldout_prompts(plan_flags: dict, tokenizer_path: str, n: int) -> list:
     """The `n` shortest held-out step-3 prompts (chat messages), from the same split step 3 evaluated on."""
-    from chatrlhf.training.data.pipeline import load_phase_data
     from chatrlhf.training.step3_ppo.config import PPOConfig
+    from chatrlhf.training.step3_ppo.main import prompt_data
     from chatrlhf.utils.config import from_flat
     from chatrlhf.utils.models import load_tokenizer
 
-    cfg = from_flat(PPOConfig, plan_flags)
-    data = load_phase_data(cfg.data.data_path, phase=3, tokenizer=load_tokenizer(tokenizer_path, padding_side="left"),
-                           data_split=cfg.data.data_split, seed=cfg.run.seed, cache_dir=cfg.data.data_output_path,
-                           max_prompt_len=cfg.max_prompt_seq_len, overlength=cfg.data.overlength,
-                           skip_malformed=cfg.data.skip_malformed, eval_fraction=cfg.data.eval_fraction,
-                           data_format=cfg.data.data_format)
+    data = prompt_data(from_flat(PPOConfig, plan_flags), load_tokenizer(tokenizer_path, padding_side="left"))
     split = data.eval if len(data.eval) else data.train
     order = sorted(range(len(split)), key=lambda i: int(split[i]["length"]))[:n]
     return [json.loads(split[i]["prompt_messages"]) for i in order]  # stored as JSON text

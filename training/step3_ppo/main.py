@@ -34,6 +34,15 @@ def same_tokens(a, b) -> bool:
             and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))
 
 
+def prompt_data(cfg: PPOConfig, tokenizer):
+    """Step 3's training and held-out prompts (the report's sample prompts come from here too)."""
+    return load_phase_data(cfg.data.data_path, phase=3, tokenizer=tokenizer, data_split=cfg.data.data_split,
+                           seed=cfg.run.seed, cache_dir=cfg.data.data_output_path,
+                           max_prompt_len=cfg.max_prompt_seq_len, overlength=cfg.data.overlength,
+                           skip_malformed=cfg.data.skip_malformed, eval_fraction=cfg.data.eval_fraction,
+                           data_format=cfg.data.data_format)
+
+
 def run(cfg: PPOConfig, reward_fn=None) -> dict:
     """Trains and saves; `reward_fn` (prompts, responses) -> scores replaces the reward model when given."""
     logger = start_run(cfg.run)
@@ -52,11 +61,7 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
         reward_tokenizer = load_tokenizer(reward_path)
         reward_tokenizer = None if same_tokens(tokenizer, reward_tokenizer) else reward_tokenizer
 
-    data = load_phase_data(cfg.data.data_path, phase=3, tokenizer=tokenizer, data_split=cfg.data.data_split,
-                           seed=cfg.run.seed, cache_dir=cfg.data.data_output_path,
-                           max_prompt_len=cfg.max_prompt_seq_len, overlength=cfg.data.overlength,
-                           skip_malformed=cfg.data.skip_malformed, eval_fraction=cfg.data.eval_fraction,
-                           data_format=cfg.data.data_format)
+    data = prompt_data(cfg, tokenizer)
     collate = PromptCollator(tokenizer)
     gen_bs, train_bs, p = cfg.per_device_generation_batch_size, cfg.per_device_training_batch_size, cfg.ppo
     batches_per_epoch = math.ceil(len(data.train) / (gen_bs * dist.get_world_size()))

@@ -145,7 +145,7 @@ def ppo_update(models: Models, r: Rollout, cfg, ptx_batches=None) -> dict:
 def evaluate(models: Models, loader, cfg, max_batches: int) -> dict:
     """Reward-model score and KL to the reference on held-out prompts; sampled with a fixed seed so that
     evaluations before and after training see the same randomness, without touching the training RNG."""
-    totals = torch.zeros(5, dtype=torch.float64)
+    totals = torch.zeros(5, dtype=torch.float64, device=dist.device())  # summed on the device: no sync per batch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         for i, batch in enumerate(loader):
@@ -154,9 +154,9 @@ def evaluate(models: Models, loader, cfg, max_batches: int) -> dict:
             r = make_rollout(models, batch, cfg)
             kl = core.masked_sum(r.logprobs - r.ref_logprobs, r.action_mask, dim=1)
             scores = r.scores.double()
-            totals += torch.tensor([scores.sum().item(), scores.square().sum().item(), kl.sum().item(),
-                                    r.action_mask.sum().item(), len(scores)], dtype=torch.float64)
-    score, square, kl, length, n = dist.all_reduce_sum(totals.to(dist.device())).cpu().tolist()
+            totals += torch.stack([scores.sum(), scores.square().sum(), kl.double().sum(),
+                                   r.action_mask.double().sum(), scores.new_tensor(float(len(scores)))])
+    score, square, kl, length, n = dist.all_reduce_sum(totals).cpu().tolist()
     n = max(n, 1.0)
     # The spread of the answers' scores, so that a before/after difference can be read against it.
     std = max(square / n - (score / n) ** 2, 0.0) ** 0.5

@@ -2,7 +2,6 @@
 finished steps, --force, options refused before anything starts, a failing step's message, and the recipes."""
 from __future__ import annotations
 
-import gzip
 import json
 import time
 from pathlib import Path
@@ -24,15 +23,9 @@ TINY = {  # a few optimizer steps each, short sequences
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory, hh_rlhf_path) -> Path:
+def records(tmp_path_factory, hh_rlhf_sample) -> Path:
     """150 real HH-RLHF pairs as a local file (split 2,4,4 between the steps)."""
-    path = tmp_path_factory.mktemp("data") / "hh150.jsonl"
-    with gzip.open(hh_rlhf_path, "rt") as f, path.open("w") as out:
-        for i, line in enumerate(f):
-            if i >= 150:
-                break
-            out.write(line)
-    return path
+    return hh_rlhf_sample(150, tmp_path_factory.mktemp("data"))
 
 
 def tiny_options(model: Path, out: Path, data: Path, **extra) -> PipelineOptions:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -29,17 +28,9 @@ def _flags(model_dir, out, data, cache, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def real_records(tmp_path_factory, hh_rlhf_path):
+def real_records(tmp_path_factory, hh_rlhf_sample):
     """48 real HH-RLHF pairs as a local JSONL file (a few dozen records, as a user's own file would be)."""
-    import gzip
-
-    path = tmp_path_factory.mktemp("data") / "hh48.jsonl"
-    with gzip.open(hh_rlhf_path, "rt") as f, path.open("w") as out:
-        for i, line in enumerate(f):
-            if i >= 48:
-                break
-            out.write(line)
-    return path
+    return hh_rlhf_sample(48, tmp_path_factory.mktemp("data"))
 
 
 def _train_losses(out) -> list[float]:

@@ -242,12 +242,8 @@ def test_every_family_trains_and_reloads(family, tiny_model_dir, planted, tmp_pa
     assert chosen[:40].mean().item() == pytest.approx(metrics["eval/chosen_score"], abs=1e-4)
 
 
-def test_real_hh_rlhf_pairs(tiny_model_dir, hh_rlhf_path, tmp_path):
-    import gzip
-
-    path = tmp_path / "hh.jsonl"
-    with gzip.open(hh_rlhf_path, "rt") as f, path.open("w") as out:
-        out.writelines(line for _, line in zip(range(64), f))
+def test_real_hh_rlhf_pairs(tiny_model_dir, hh_rlhf_sample, tmp_path):
+    path = hh_rlhf_sample(64, tmp_path)
     out = tmp_path / "rm"
     metrics = rm_main.run(from_flat(RewardConfig, _flags(tiny_model_dir("llama"), out, path, tmp_path / "c",
                                                          max_steps=2, max_seq_len=128, skip_malformed=True,
