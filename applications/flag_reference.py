@@ -9,19 +9,14 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from chatrlhf.utils.config import _flags
+from chatrlhf.training.steps import STEPS
+from chatrlhf.utils.config import flag_table
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "FLAGS.md"
 
 
 def steps():
-    from chatrlhf.training.step1_sft.config import SFTConfig
-    from chatrlhf.training.step2_reward.config import RewardConfig
-    from chatrlhf.training.step3_ppo.config import PPOConfig
-
-    return [("Step 1: SFT (`chatrlhf.training.step1_sft`)", SFTConfig),
-            ("Step 2: reward model (`chatrlhf.training.step2_reward`)", RewardConfig),
-            ("Step 3: PPO (`chatrlhf.training.step3_ppo`)", PPOConfig)]
+    return [(f"Step {s.number}: {s.title} (`{s.module}`)", s.config_class()) for s in STEPS.values()]
 
 
 def render() -> str:
@@ -31,7 +26,7 @@ def render() -> str:
              "take no value to turn on (`--offload`) or `true`/`false`.", ""]
     for title, cls in steps():
         lines += [f"## {title}", "", "| flag | default | meaning |", "| --- | --- | --- |"]
-        for name, _, _, default, doc in _flags(cls):
+        for name, (_, _, default, doc) in flag_table(cls).items():
             shown = "(required)" if default is dataclasses.MISSING else f"`{default}`"
             lines.append(f"| `--{name}` | {shown} | {doc.replace('|', '/')} |")
         lines.append("")

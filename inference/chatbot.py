@@ -24,7 +24,7 @@ from transformers import TextStreamer
 
 from chatrlhf.training.config import Dtype, GenerationArgs
 from chatrlhf.training.data.render import encode_prompt, render_prompt
-from chatrlhf.training.hybrid_engine import generate
+from chatrlhf.training.generation import generate
 from chatrlhf.utils.config import group, parse_config
 
 QUIT, CLEAR = ("quit", "exit"), "clear"
@@ -136,7 +136,7 @@ class Chat:
 def load_chat(path: str, gen_args: GenerationArgs | None = None, *, dtype: str = "auto", max_new_tokens: int = 128,
               system: str | None = None) -> Chat:
     """A Chat with the model and tokenizer saved at `path`, loaded as training loads them, on this accelerator."""
-    from chatrlhf.training.hybrid_engine import DTYPES, training_dtype
+    from chatrlhf.training.precision import DTYPES, training_dtype
     from chatrlhf.utils.distributed import device
     from chatrlhf.utils.models import load_model, load_tokenizer
 

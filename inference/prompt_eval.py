@@ -29,7 +29,7 @@ from typing import Optional
 from chatrlhf.training.config import Dtype, GenerationArgs
 from chatrlhf.training.data.collate import pad
 from chatrlhf.training.data.render import encode_prompts
-from chatrlhf.training.step2_reward.rw_eval import as_messages
+from chatrlhf.training.data.messages import as_messages
 from chatrlhf.utils.config import group, parse_config
 
 DEFAULT_PROMPTS = [
@@ -104,7 +104,8 @@ def generate_answers(path: str, prompts: list, *, max_new_tokens: int = 100, gen
     """The answers of the model at `path` to `prompts` (strings or chat messages), through training's generation mode."""
     from transformers import set_seed
 
-    from chatrlhf.training.hybrid_engine import DTYPES, build_engine, training_dtype
+    from chatrlhf.training.hybrid_engine import build_engine
+    from chatrlhf.training.precision import DTYPES, training_dtype
     from chatrlhf.utils.models import load_model, load_tokenizer
 
     gen_args = gen_args or GenerationArgs(do_sample=False)
@@ -134,8 +135,8 @@ def generate_answers(path: str, prompts: list, *, max_new_tokens: int = 100, gen
 
 def score_answers(reward_path: str, prompts: list, answers: dict[str, list[str]], dtype: str = "auto") -> dict:
     """{model: [reward score of each answer]} for {model: [answer to each prompt]}."""
-    from chatrlhf.training.hybrid_engine import training_dtype
-    from chatrlhf.training.step2_reward.rw_eval import load_reward_model, score_texts
+    from chatrlhf.training.precision import training_dtype
+    from chatrlhf.training.reward_model import load_reward_model, score_texts
 
     model, tokenizer = load_reward_model(reward_path, training_dtype(dtype))
     scores = {name: [] for name in answers}

@@ -5,6 +5,7 @@ entry point can load by path, exactly as a user's hub model would be loaded.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -115,6 +116,28 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def plain_tokenizer():
     return build_tokenizer(chat_template=False)
+
+
+@pytest.fixture
+def pad_tokenizer(tokenizer):
+    """The session ChatML tokenizer, copied, with `<pad>` as its pad token."""
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = "<pad>"
+    return tok
+
+
+@pytest.fixture
+def examples():
+    """rows of (prompt text, chosen, rejected) -> a normalised Dataset, as the data layer hands it to a step."""
+    from datasets import Dataset
+
+    from chatrlhf.training.data.sources import example_features
+
+    def make(rows):
+        return Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p, _, _ in rows],
+                                  "chosen": [c for _, c, _ in rows], "rejected": [r for _, _, r in rows]},
+                                 features=example_features())
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatrlhf.training.config import EngineArgs, ModelArgs, TrainArgs
+from chatrlhf.training.config import EngineArgs, ModelArgs, OptimArgs, RunArgs
 from chatrlhf.training.ds_config import build_ds_config
-from chatrlhf.training.hybrid_engine import DTYPES, HybridEngine, build_engine, training_dtype
+from chatrlhf.training.hybrid_engine import HybridEngine, build_engine
+from chatrlhf.training.precision import DTYPES, training_dtype
 from chatrlhf.utils import distributed as dist
 from chatrlhf.utils.logging import MetricsLogger, setup_logging
 from chatrlhf.utils.models import add_lora, load_model
@@ -20,7 +21,7 @@ def _zero3_load_config(zero_stage: int, dtype: str) -> dict | None:
                            world_size=dist.get_world_size())
 
 
-def start_run(train: TrainArgs) -> MetricsLogger:
+def start_run(train: RunArgs) -> MetricsLogger:
     """Joins the process group, seeds every RNG, and opens the metrics log of `train.output_dir`."""
     from transformers import set_seed
 
@@ -31,7 +32,7 @@ def start_run(train: TrainArgs) -> MetricsLogger:
     return MetricsLogger(train.output_dir, tb)
 
 
-def build_trained_model(model_args: ModelArgs, engine_args: EngineArgs, tokenizer, *, head: str,
+def build_trained_model(model_args: ModelArgs, optim: OptimArgs, engine_args: EngineArgs, tokenizer, *, head: str,
                         micro_batch_size: int, total_steps: int) -> HybridEngine:
     """Loads `model_args.model_name_or_path` (with LoRA when asked) into a trainable engine."""
     dtype = training_dtype(engine_args.dtype)
@@ -44,11 +45,11 @@ def build_trained_model(model_args: ModelArgs, engine_args: EngineArgs, tokenize
                          head=head)
     return build_engine(
         model, zero_stage=model_args.zero_stage, dtype=dtype, micro_batch_size=micro_batch_size,
-        gradient_accumulation_steps=engine_args.gradient_accumulation_steps, offload=engine_args.offload,
-        gradient_clipping=engine_args.gradient_clipping, learning_rate=model_args.learning_rate,
-        lora_learning_rate=model_args.lora_learning_rate, weight_decay=model_args.weight_decay,
-        betas=(engine_args.adam_beta1, engine_args.adam_beta2), eps=engine_args.adam_eps,
-        lr_scheduler_type=engine_args.lr_scheduler_type, num_warmup_steps=engine_args.num_warmup_steps,
+        gradient_accumulation_steps=optim.gradient_accumulation_steps, offload=engine_args.offload,
+        gradient_clipping=optim.gradient_clipping, learning_rate=optim.learning_rate,
+        lora_learning_rate=optim.lora_learning_rate, weight_decay=optim.weight_decay,
+        betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
+        lr_scheduler_type=optim.lr_scheduler_type, num_warmup_steps=optim.num_warmup_steps,
         total_steps=total_steps, user_config_path=engine_args.deepspeed_config)
 
 

@@ -1,8 +1,10 @@
-"""Config groups shared by the three steps. Each flag is declared once, here, with DeepSpeed-Chat's name.
+"""Config groups shared by the steps. Each flag is declared once, here, with DeepSpeed-Chat's name.
 
-Steps compose these with `chatrlhf.utils.config.group`: step 1 uses `ModelArgs` unprefixed
-(`--zero_stage`, `--learning_rate`), step 3 twice with `actor_` / `critic_` prefixes
-(`--actor_zero_stage`, `--critic_learning_rate`).
+Steps compose these with `chatrlhf.utils.config.group`: step 1 uses `ModelArgs` and `OptimArgs` unprefixed
+(`--zero_stage`, `--learning_rate`), step 3 each twice with `actor_` / `critic_` prefixes
+(`--actor_zero_stage`, `--critic_learning_rate`), the optimiser settings DeepSpeed-Chat shares between the two
+models keeping one plain flag (`OPTIM_SHARED`: `--num_warmup_steps`). Fields that exist only so DeepSpeed-Chat's
+command lines parse are gathered in `DSChatArgs`.
 """
 from __future__ import annotations
 
@@ -22,10 +24,6 @@ class ModelArgs:
     """Hugging Face hub id or local folder; `smollm2-135m-instruct` fetches and converts the bundled default once."""
     zero_stage: int = 0
     """ZeRO stage 0-3 for this model's DeepSpeed engine."""
-    learning_rate: float = 2e-5
-    """Peak learning rate of the non-LoRA parameters."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (not applied to biases and norm weights)."""
     dropout: Optional[float] = None
     """If set, overrides every dropout probability in the model config (0.0 turns dropout off)."""
     gradient_checkpointing: bool = False
@@ -39,8 +37,6 @@ class ModelArgs:
     lora_module_name: Optional[str] = None
     """Substring selecting the Linear layers that get LoRA (DeepSpeed-Chat style, e.g. `layers.`); default: every
     Linear layer inside the transformer blocks, whatever the family."""
-    lora_learning_rate: float = 5e-4
-    """Learning rate of the LoRA parameters."""
     keep_lora_adapter: bool = False
     """Save the LoRA adapter (peft format) instead of merging it into the weights."""
 
@@ -54,15 +50,15 @@ class ModelArgs:
 
 
 @dataclass
-class EngineArgs:
-    """DeepSpeed engine and optimiser settings shared by every model of a step."""
+class OptimArgs:
+    """How one trained model is optimised: AdamW, its schedule, accumulation and clipping."""
 
-    dtype: Dtype = "auto"
-    """Training precision: fp32, bf16, fp16, or auto (bf16 where the accelerator supports it, else fp32)."""
-    offload: bool = False
-    """ZeRO-Offload: keep optimizer state (and with ZeRO-3 the parameters) in CPU memory."""
-    only_optimize_lora: bool = False
-    """With LoRA, freeze every non-LoRA parameter (without it the base weights train too, as in DeepSpeed-Chat)."""
+    learning_rate: float = 2e-5
+    """Peak learning rate of the non-LoRA parameters."""
+    lora_learning_rate: float = 5e-4
+    """Learning rate of the LoRA parameters."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     gradient_clipping: float = 1.0
@@ -78,18 +74,58 @@ class EngineArgs:
     """AdamW beta2."""
     adam_eps: float = 1e-8
     """AdamW epsilon."""
-    compute_fp32_loss: bool = False
-    """Compute losses from fp32 logits under bf16/fp16 training (always on for the reward loss)."""
-    deepspeed_config: Optional[str] = None
-    """A DeepSpeed JSON config of your own; it is merged over the generated one (your keys win)."""
-    deepspeed: bool = False
-    """Accepted for the deepspeed launcher; has no effect."""
-    local_rank: int = -1
-    """Set by the launcher; the LOCAL_RANK environment variable is what is used."""
 
     def __post_init__(self):
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+
+
+# What DeepSpeed-Chat's step 3 sets once for actor and critic alike (the learning rates and decay are per model).
+OPTIM_SHARED = ("gradient_accumulation_steps", "gradient_clipping", "lr_scheduler_type", "num_warmup_steps",
+                "adam_beta1", "adam_beta2", "adam_eps")
+
+
+@dataclass
+class EngineArgs:
+    """DeepSpeed engine settings shared by every model of a step."""
+
+    dtype: Dtype = "auto"
+    """Training precision: fp32, bf16, fp16, or auto (bf16 where the accelerator supports it, else fp32)."""
+    offload: bool = False
+    """ZeRO-Offload: keep optimizer state (and with ZeRO-3 the parameters) in CPU memory."""
+    only_optimize_lora: bool = False
+    """With LoRA, freeze every non-LoRA parameter (without it the base weights train too, as in DeepSpeed-Chat)."""
+    compute_fp32_loss: bool = False
+    """Compute losses from fp32 logits under bf16/fp16 training (always on for the reward loss)."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON config of your own; it is merged over the generated one (your keys win)."""
+
+
+@dataclass
+class DSChatArgs:
+    """Flags that exist so DeepSpeed-Chat's command lines run unchanged; none changes what chatrlhf does."""
+
+    deepspeed: bool = False
+    """Accepted for the deepspeed launcher; has no effect."""
+    local_rank: int = -1
+    """Set by the launcher; the LOCAL_RANK environment variable is what is used."""
+    num_padding_at_beginning: int = 1
+    """Ignored: chatrlhf reads a sequence's score at the last position where attention_mask is 1, which needs no
+    OPT-specific count of leading pad tokens."""
+    add_eot_token: bool = False
+    """Ignored: chatrlhf always ends answers with the tokenizer's EOS token."""
+    eot_token: str = "<|endoftext|>"
+    """Ignored; see --add_eot_token."""
+    align_overflow: bool = False
+    """Ignored: fp16 overflow handling is DeepSpeed's own (prefer bf16)."""
+    enable_mixed_precision_lora: bool = False
+    """DeepSpeed-Chat's MixZ++ quantised frozen weights: not supported (refused)."""
+
+    def __post_init__(self):
+        if self.enable_mixed_precision_lora:
+            raise ValueError("--enable_mixed_precision_lora (MixZ++) is not supported")
+        if self.num_padding_at_beginning < 0:
+            raise ValueError(f"--num_padding_at_beginning must be >= 0, got {self.num_padding_at_beginning}")
 
 
 @dataclass
@@ -149,26 +185,28 @@ class RunArgs:
     """Resume from the newest checkpoint in output_dir when there is one."""
     log_interval: int = 1
     """Write metrics every N optimizer steps."""
+    per_device_eval_batch_size: int = 8
+    """Evaluation batch size per rank (prompts in step 3)."""
     enable_tensorboard: bool = False
     """Also write metrics for TensorBoard."""
     tensorboard_path: Optional[str] = None
     """TensorBoard folder (default: output_dir/tensorboard)."""
     print_loss: bool = False
     """Print the loss of every rank at every step (DeepSpeed-Chat's debugging aid)."""
-    add_eot_token: bool = False
-    """Accepted for DeepSpeed-Chat compatibility; chatrlhf always ends answers with the tokenizer's EOS token."""
-    eot_token: str = "<|endoftext|>"
-    """Accepted for DeepSpeed-Chat compatibility; see --add_eot_token."""
 
 
 @dataclass
 class TrainArgs(RunArgs):
-    """A supervised run (steps 1 and 2): the run settings plus batch sizes."""
+    """A run over a fixed dataset (steps 1 and 2): the run settings plus its batch size and sequence length."""
 
     per_device_train_batch_size: int = 8
     """Micro-batch size per rank."""
-    per_device_eval_batch_size: int = 8
-    """Evaluation batch size per rank."""
+    max_seq_len: int = 512
+    """Longest prompt + answer in tokens (per answer for pairs); longer examples follow --overlength."""
+
+    def __post_init__(self):
+        if self.max_seq_len < 2:
+            raise ValueError(f"--max_seq_len must be >= 2, got {self.max_seq_len}")
 
 
 @dataclass

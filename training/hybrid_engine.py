@@ -5,7 +5,8 @@ generation mode through the `generation()` context manager, the only place gener
 Invariants (checked at run time): `backward`/`step` are refused inside generation mode and on frozen
 models; leaving generation mode restores the training state, also after an exception.
 
-Runs on CUDA and on DeepSpeed's CPU accelerator alike; `deepspeed` is imported lazily.
+Runs on CUDA and on DeepSpeed's CPU accelerator alike; `deepspeed` is imported lazily. ZeRO-3 internals live in
+`zero3.py`, Hugging Face saving in `saving.py`, the generation call in `generation.py`.
 """
 from __future__ import annotations
 
@@ -15,18 +16,14 @@ from pathlib import Path
 
 import torch
 
-from chatrlhf.training.ds_config import build_ds_config, read_user_config, resolve_dtype
+from chatrlhf.training import zero3
+from chatrlhf.training.ds_config import build_ds_config, read_user_config
+from chatrlhf.training.generation import generate
+from chatrlhf.training.precision import training_dtype
+from chatrlhf.training.saving import write_hf
 from chatrlhf.utils import distributed as dist
-from chatrlhf.utils.models import decoder_layers, merge_lora_state_dict
 
 logger = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def training_dtype(dtype: str) -> str:
-    """Resolves --dtype auto against this accelerator."""
-    return resolve_dtype(dtype, dist.accelerator().is_bf16_supported())
-
 
 def param_groups(model: torch.nn.Module, lr: float, lora_lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups: LoRA weights at their own lr; no decay for biases and norms (1-d tensors)."""
@@ -107,7 +104,7 @@ class HybridEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (ZeRO-3 shards gathered), None elsewhere."""
         if self.zero_stage == 3:
-            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            sd = zero3.consolidated_state_dict(self.engine)
             return sd if dist.is_main_process() else None
         if not dist.is_main_process():
             return None
@@ -117,7 +114,7 @@ class HybridEngine:
         """Hugging Face format (safetensors + config + tokenizer); LoRA merged unless `keep_lora_adapter`."""
         state = self.full_state_dict()  # collective under ZeRO-3: every rank must call it
         if dist.is_main_process():
-            _write_hf(self.module, state, Path(output_dir), tokenizer, self.lora_scaling, keep_lora_adapter)
+            write_hf(self.module, state, Path(output_dir), tokenizer, self.lora_scaling, keep_lora_adapter)
         dist.barrier()
 
     # ---- resumable checkpoints ---------------------------------------------------------------------------
@@ -160,9 +157,9 @@ class HybridEngine:
                 if checkpointing:
                     module.gradient_checkpointing_disable()
                 if gathered:
-                    stack.enter_context(_gathered_without_hooks(self.engine))
+                    stack.enter_context(zero3.gathered_without_hooks(self.engine))
                 elif grouped:
-                    stack.enter_context(_gathered_by_layer_groups(self.engine, layers_per_gather))
+                    stack.enter_context(zero3.gathered_by_layer_groups(self.engine, layers_per_gather))
                 # Ungathered (or group-by-group gathered) ZeRO-3 weights are empty placeholders between forwards:
                 # nothing to merge into, so the adapters run unmerged there.
                 if merge_lora and self.lora_scaling is not None and (self.zero_stage != 3 or gathered):
@@ -179,87 +176,6 @@ class HybridEngine:
                 self.mode = saved_mode
                 if release_cache:
                     dist.accelerator().empty_cache()
-
-
-def generate(module, input_ids, attention_mask, *, max_new_tokens: int, pad_token_id: int, eos_token_id: int | None,
-             do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             synced_gpus: bool = False, streamer=None):
-    """HF generate with our sampling settings only (a checkpoint's generation_config cannot override them).
-
-    The one generation call of the project (training's generation mode, the chatbot, prompt_eval). Stops at
-    EOS, no minimum length (DeepSpeed-Chat's forced min_length made answers repeat to the limit)."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id,
-                              eos_token_id=eos_token_id, use_cache=True,
-                              **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}))
-    return module.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                           synced_gpus=synced_gpus, streamer=streamer)
-
-
-def _zero3_offload(engine):
-    opt = engine.optimizer
-    return opt.parameter_offload if hasattr(opt, "parameter_offload") else opt
-
-
-@contextmanager
-def _gathered_without_hooks(engine):
-    """ZeRO-3: all parameters gathered once, fetch hooks off for the duration (as TRL's
-    unwrap_model_for_generation and DeepSpeed's own, but restored even when generation raises)."""
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())), _fetch_hooks_off(engine):
-        yield
-
-
-@contextmanager
-def _gathered_by_layer_groups(engine, per_group: int):
-    """ZeRO-3 with bounded memory: the weights outside the decoder layers (embeddings, final norm, head) gathered
-    for the duration, the layers `per_group` at a time from the pre-hook of a group's first layer to the hook
-    after its last (DeepSpeed-Chat's --tp_gather_partition_size granularity); fetch hooks off, as above."""
-    import deepspeed
-
-    _, layers = decoder_layers(engine.module)
-    in_layers = {id(p) for p in layers.parameters()}
-    rest = [p for p in engine.module.parameters() if id(p) not in in_layers]
-    handles, current = [], []
-
-    def gather(params):
-        def hook(module, args):
-            ctx = deepspeed.zero.GatheredParameters(params)
-            ctx.__enter__()
-            current.append(ctx)
-        return hook
-
-    def release(module, args, output):
-        current.pop().__exit__(None, None, None)
-
-    with deepspeed.zero.GatheredParameters(rest), _fetch_hooks_off(engine):
-        try:
-            for start in range(0, len(layers), per_group):
-                group = layers[start:start + per_group]
-                handles.append(group[0].register_forward_pre_hook(gather(list(group.parameters()))))
-                handles.append(group[-1].register_forward_hook(release))
-            yield
-        finally:
-            while current:  # an exception inside a group's forward
-                current.pop().__exit__(None, None, None)
-            for handle in handles:
-                handle.remove()
-
-
-@contextmanager
-def _fetch_hooks_off(engine):
-    """ZeRO-3's per-module fetch hooks removed for the duration (each forward would re-gather every layer),
-    registered again afterwards, also after an exception."""
-    offload = _zero3_offload(engine)
-    for hook in offload.forward_hooks + offload.backward_hooks:
-        hook.remove()
-    offload.forward_hooks, offload.backward_hooks = [], []
-    try:
-        yield
-    finally:
-        offload._register_deepspeed_module(offload.module)
 
 
 @contextmanager
@@ -281,23 +197,6 @@ def _lora_merged(peft_model):
     finally:
         for weight, data in originals:
             weight.data = data
-
-
-def _write_hf(module, state, out: Path, tokenizer, lora_scaling, keep_lora_adapter: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    is_peft = lora_scaling is not None
-    if is_peft and keep_lora_adapter:
-        from peft import get_peft_model_state_dict
-
-        module.save_pretrained(str(out), state_dict=get_peft_model_state_dict(module, state_dict=state))
-    else:
-        base = module.get_base_model() if is_peft else module
-        if is_peft:
-            conv1d = base.config.model_type == "gpt2"
-            state = merge_lora_state_dict(state, lora_scaling, conv1d=conv1d)
-        base.save_pretrained(str(out), state_dict=state, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
 
 
 def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_batch_size: int,

@@ -1,20 +1,24 @@
-"""The supervised training loop shared by step 1 (SFT) and step 2 (reward model).
+"""The loop skeleton every step shares (`fit`), the batch stream that feeds it, and the run state it saves.
 
-A step supplies `loss_fn(engine, batch) -> (loss, metrics)` and `evaluate(engine) -> metrics`; this loop
-does the rest the same way for both: data order, gradient accumulation, progress bar, metrics,
-periodic evaluation, atomic checkpoints, and resuming from the newest one with the data position restored.
+A step's trainer.py supplies `train_step() -> metrics` (steps 1-2: one optimizer step over accumulated
+micro-batches, `supervised_step`; step 3: a rollout and its PPO update) and `evaluate() -> metrics`; `fit` does
+the rest the same way for all: resume or the initial evaluation, progress bar, metrics, evaluation and atomic
+checkpoints every N steps, the final evaluation. Batches come from `batch_stream`, which spans epochs and keeps
+its position in the run state, so a resumed run continues with the batch the killed one would have taken.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from chatrlhf.training import checkpoint
-from chatrlhf.training.config import TrainArgs
+from chatrlhf.training.config import RunArgs, TrainArgs
 from chatrlhf.utils import distributed as dist
 from chatrlhf.utils.logging import MetricsLogger, print0, progress
 
@@ -52,64 +56,73 @@ def eval_loader(dataset, batch_size: int, collate_fn) -> DataLoader:
 
 
 @dataclass
-class LoopState:
-    step: int = 0          # optimizer steps done
+class RunState:
+    """Where a run is; saved in every checkpoint (trainer_state.json) and restored on resume."""
+    step: int = 0            # steps done: optimizer steps (steps 1-2), PPO iterations (step 3)
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    extra: dict = field(default_factory=dict)  # a trainer's own resumable values (step 3: kl_coef, ...)
 
 
-def fit(engine, train_dataset, collate_fn, args: TrainArgs, *, loss_fn: Callable, evaluate: Callable,
-        gradient_accumulation_steps: int, logger: MetricsLogger, desc: str, config=None) -> dict:
-    """Trains `engine` on `train_dataset`; returns the last evaluation metrics. `config` (the step's resolved
-    config) is saved next to each checkpoint."""
-    total_steps = total_optimizer_steps(len(train_dataset), args, gradient_accumulation_steps)
-    state = LoopState()
-    resumed = checkpoint.latest(args.output_dir) if args.resume else None
+def batch_stream(dataset, batch_size: int, collate_fn, seed: int, state: RunState, num_epochs: int,
+                 group: int | None = None) -> Iterator:
+    """This rank's batches from `state`'s position on, epoch after epoch, counted into `state` as they are taken
+    (so a checkpoint taken between two steps resumes with the next unseen batch). With `group=k` it yields lists
+    of k batches and drops an epoch's incomplete last group (step 3 collects k generation batches per update)."""
+    size = group or 1
+    while state.epoch < num_epochs:
+        loader = iter(train_loader(dataset, batch_size, collate_fn, seed, state.epoch, state.batch_in_epoch))
+        while len(batches := list(itertools.islice(loader, size))) == size:
+            state.batch_in_epoch += size
+            yield batches if group else batches[0]
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def fit(*, state: RunState, total_steps: int, run: RunArgs, engines: dict, train_step: Callable[[], dict | None],
+        evaluate: Callable[[], dict], logger: MetricsLogger, desc: str, config=None,
+        summarize: Callable[[dict], dict] | None = None, postfix: Callable[[dict], dict] | None = None,
+        on_resume: Callable[[Path], None] | None = None, on_save: Callable[[Path], None] | None = None) -> dict:
+    """The loop every step shares; returns the final evaluation's metrics.
+
+    Resumes `engines` and `state` from the newest checkpoint in run.output_dir (else evaluates first), then
+    calls `train_step()` (None: the data ran out) until `total_steps`, logging every --log_interval steps
+    (`summarize` turns a step's metrics into the logged ones, e.g. a mean over ranks), evaluating every
+    --eval_interval and checkpointing every --save_interval steps; evaluates at the end. `config` (the step's
+    resolved config) is saved next to each checkpoint; `on_resume`/`on_save` get the checkpoint folder."""
+    resumed = checkpoint.latest(run.output_dir) if run.resume else None
     if resumed is not None:
-        state = LoopState(**checkpoint.load(resumed, {"model": engine}))
+        saved = checkpoint.load(resumed, engines)
+        state.step, state.epoch, state.batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
+        state.extra = saved.get("extra", {})
+        if on_resume is not None:
+            on_resume(resumed)
         print0(f"resumed from {resumed} at step {state.step}")
     else:
-        logger.log(0, evaluate(engine))
+        logger.log(0, evaluate())
 
     bar = progress(total_steps, desc, initial=state.step)
-    window: list[dict] = []
-    metrics: dict = {}
-    while state.step < total_steps and state.epoch < args.num_train_epochs:
-        loader = train_loader(train_dataset, args.per_device_train_batch_size, collate_fn, args.seed, state.epoch,
-                              skip_batches=state.batch_in_epoch)
-        for batch in loader:
-            engine.train()
-            boundary = engine.is_boundary()  # DeepSpeed answers for the micro-step about to run
-            loss, metrics = loss_fn(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            state.batch_in_epoch += 1
-            window.append({"train/loss": loss.detach().float(), **metrics})
-            if args.print_loss:
-                print(f"[rank {dist.get_rank()}] step {state.step} loss {loss.item():.4f}", flush=True)
-            if not boundary:
-                continue
-            state.step += 1
-            bar.update(1)
-            if state.step % args.log_interval == 0 or state.step == total_steps:
-                averaged = _average(window)
-                averaged["train/lr"] = engine.lr()
-                logger.log(state.step, averaged)
-                bar.set_postfix(loss=f"{averaged['train/loss']:.4f}")
-            window = []
-            if args.eval_interval and state.step % args.eval_interval == 0 and state.step < total_steps:
-                logger.log(state.step, evaluate(engine))
-            if args.save_interval and state.step % args.save_interval == 0 and state.step < total_steps:
-                checkpoint.save(args.output_dir, state.step, {"model": engine}, vars(state), keep=args.save_total_limit,
-                                config=config)
-            if state.step >= total_steps:
-                break
-        else:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            continue
-        break
+    while state.step < total_steps:
+        metrics = train_step()
+        if metrics is None:
+            break
+        state.step += 1
+        bar.update(1)
+        if state.step % run.log_interval == 0 or state.step == total_steps:
+            metrics = summarize(metrics) if summarize is not None else metrics
+            logger.log(state.step, metrics)
+            if postfix is not None:
+                bar.set_postfix(**postfix(metrics))
+        if state.step == total_steps:
+            break
+        if run.eval_interval and state.step % run.eval_interval == 0:
+            logger.log(state.step, evaluate())
+        if run.save_interval and state.step % run.save_interval == 0:
+            path = checkpoint.save(run.output_dir, state.step, engines, asdict(state), keep=run.save_total_limit,
+                                   config=config)
+            if on_save is not None:
+                on_save(path)
     bar.close()
-    final = evaluate(engine)
+    final = evaluate()
     logger.log(state.step, final)
     return final
 
@@ -120,7 +133,39 @@ def total_optimizer_steps(n_examples: int, args: TrainArgs, gradient_accumulatio
     return min(steps, args.max_steps) if args.max_steps > 0 else steps
 
 
-def _average(window: list[dict]) -> dict:
+def supervised_step(engine, batches: Iterator, loss_fn: Callable, print_loss: bool = False) -> list[dict] | None:
+    """One optimizer step of steps 1-2: micro-batches from `batches` through forward, backward and DeepSpeed's
+    step until its accumulation boundary. Returns each micro-batch's metrics (None when `batches` ran out)."""
+    window = []
+    for batch in batches:
+        engine.train()
+        boundary = engine.is_boundary()  # DeepSpeed answers for the micro-step about to run
+        loss, metrics = loss_fn(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        window.append({"train/loss": loss.detach().float(), **metrics})
+        if print_loss:
+            print(f"[rank {dist.get_rank()}] loss {loss.item():.4f}", flush=True)
+        if boundary:
+            return window
+    return None
+
+
+def fit_supervised(engine, train_dataset, collate_fn, run: TrainArgs, *, total_steps: int, loss_fn: Callable,
+                   evaluate: Callable[[], dict], logger: MetricsLogger, desc: str, config=None) -> dict:
+    """`fit` for steps that learn from a fixed dataset (SFT, reward model, DPO): each step is one optimizer step
+    over --gradient_accumulation_steps micro-batches of `loss_fn(engine, batch) -> (loss, metrics)`."""
+    state = RunState()
+    batches = batch_stream(train_dataset, run.per_device_train_batch_size, collate_fn, run.seed, state,
+                           run.num_train_epochs)
+    return fit(state=state, total_steps=total_steps, run=run, engines={"model": engine},
+               train_step=lambda: supervised_step(engine, batches, loss_fn, run.print_loss), evaluate=evaluate,
+               logger=logger, desc=desc, config=config,
+               summarize=lambda window: {**mean_over_ranks(window), "train/lr": engine.lr()},
+               postfix=lambda m: {"loss": f"{m['train/loss']:.4f}"})
+
+
+def mean_over_ranks(window: list[dict]) -> dict:
     """Mean over the accumulated micro-batches, then over ranks."""
     keys = window[0].keys()
     local = torch.tensor([float(sum(float(w[k]) for w in window) / len(window)) for k in keys], dtype=torch.float64)

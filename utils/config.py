@@ -28,12 +28,17 @@ T = TypeVar("T")
 CONFIG_FILE = "chatrlhf_config.yaml"
 
 
-def group(cls: type, prefix: str = "", **defaults) -> Any:
-    """A nested config group whose flags are `prefix + field name`; `defaults` override the group's own."""
-    for key in defaults:
-        if key not in {f.name for f in dataclasses.fields(cls)}:
+def group(cls: type, prefix: str = "", shared: tuple[str, ...] = (), **defaults) -> Any:
+    """A nested config group whose flags are `prefix + field name`; `defaults` override the group's own.
+
+    Fields named in `shared` keep their plain flag name: two groups of one config may both share a field (step 3's
+    actor and critic optimiser groups share `--num_warmup_steps`), and then the one flag sets it in both."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in list(defaults) + list(shared):
+        if key not in names:
             raise TypeError(f"{cls.__name__} has no field {key!r}")
-    return dataclasses.field(default_factory=lambda: cls(**defaults), metadata={"prefix": prefix, "defaults": defaults})
+    return dataclasses.field(default_factory=lambda: cls(**defaults),
+                             metadata={"prefix": prefix, "defaults": defaults, "shared": tuple(shared)})
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -60,15 +65,17 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def _flags(cls: type, prefix: str = "", defaults_override: dict | None = None):
-    """Yields (flag_name, path, type, default, help) for every leaf field, groups flattened."""
+def _flags(cls: type, prefix: str = "", defaults_override: dict | None = None, shared: tuple[str, ...] = ()):
+    """Yields (flag_name, path, type, default, help) for every leaf field, groups flattened. A shared field
+    (see `group`) of two groups yields its one flag name twice, with each group's path."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             sub = f.metadata.get("prefix", "")
-            for name, path, t, d, h in _flags(tp, prefix + sub, f.metadata.get("defaults")):
+            for name, path, t, d, h in _flags(tp, prefix + sub, f.metadata.get("defaults"),
+                                              f.metadata.get("shared", ())):
                 yield name, (f.name,) + path, t, d, h
             continue
         if defaults_override and f.name in defaults_override:
@@ -79,7 +86,32 @@ def _flags(cls: type, prefix: str = "", defaults_override: dict | None = None):
             default = f.default_factory()
         else:
             default = dataclasses.MISSING
-        yield prefix + f.name, (f.name,), tp, default, docs.get(f.name, "")
+        yield (f.name if f.name in shared else prefix + f.name), (f.name,), tp, default, docs.get(f.name, "")
+
+
+def flag_table(cls: type) -> dict[str, tuple[list[tuple], Any, Any, str]]:
+    """{flag_name: ([paths], type, default, help)}: each flag once. A name reached twice must be a shared field
+    of the same type and default in both places; anything else is a flag declared twice."""
+    table: dict = {}
+    for name, path, tp, default, help_text in _flags(cls):
+        if name in table:
+            paths, tp0, default0, _ = table[name]
+            if (tp0, default0) != (tp, default) or not _is_shared(cls, path) or not _is_shared(cls, paths[0]):
+                raise TypeError(f"{cls.__name__}: flag --{name} is declared twice")
+            paths.append(path)
+        else:
+            table[name] = ([path], tp, default, help_text)
+    return table
+
+
+def _is_shared(cls: type, path: tuple) -> bool:
+    """Whether the leaf at `path` is a `shared` field of its group."""
+    hints, node = typing.get_type_hints(cls), None
+    for key in path[:-1]:
+        node = {f.name: f for f in dataclasses.fields(cls)}[key]
+        cls = hints[key]
+        hints = typing.get_type_hints(cls)
+    return node is not None and path[-1] in node.metadata.get("shared", ())
 
 
 def _str2bool(v: str) -> bool:
@@ -116,11 +148,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of flag values (keys are flag names without dashes)")
-    seen = set()
-    for name, _, tp, default, help_text in _flags(cls):
-        if name in seen:
-            raise TypeError(f"{cls.__name__}: flag --{name} is declared twice")
-        seen.add(name)
+    for name, (_, tp, default, help_text) in flag_table(cls).items():
         _add_argument(parser, name, tp, default, help_text)
     return parser
 
@@ -156,22 +184,23 @@ def _convert(value, tp, where: str):
 
 def from_flat(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     """Builds `cls` from a flat {flag_name: value} dict, converting types; unknown keys are errors."""
-    spec = {name: (path, tp, default) for name, path, tp, default, _ in _flags(cls)}
+    spec = flag_table(cls)
     unknown = sorted(set(values) - set(spec))
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; run with --help for the list")
     tree: dict = {}
-    for name, (path, tp, default) in spec.items():
+    for name, (paths, tp, default, _) in spec.items():
         if name in values:
             value = _convert(values[name], tp, f"{where}: {name}")
         elif default is dataclasses.MISSING:
             raise ValueError(f"{where}: --{name} is required")
         else:
             value = default
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
+        for path in paths:
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = list(value) if isinstance(value, list) else value
     return _instantiate(cls, tree)
 
 
@@ -193,7 +222,7 @@ def _instantiate(cls, tree: dict, prefix: str = ""):
 def to_flat(cfg) -> dict[str, Any]:
     """The inverse of `from_flat`: {flag_name: value} for every leaf field."""
     out = {}
-    for name, path, _, _, _ in _flags(type(cfg)):
+    for name, ([path, *_], _, _, _) in flag_table(type(cfg)).items():
         node = cfg
         for key in path:
             node = getattr(node, key)
@@ -221,7 +250,16 @@ def read_yaml(path: str | Path, option: str = "--config") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{option}: no such file {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        # yaml's own message spans lines and names the stream, not the option; its mark gives line and column.
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = ": ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e)
+        raise ValueError(f"{option} {path}: {where}invalid YAML ({what})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a YAML mapping (name: value), got {type(data).__name__}")
     return {str(k).lstrip("-"): v for k, v in data.items()}

@@ -3,10 +3,14 @@
 The pad rule: the pad token is never the EOS token. DeepSpeed-Chat set pad = eos, which masks the generated EOS
 out of the loss and makes "the last non-pad token" ambiguous for the reward model. We pick an existing special
 token that is not EOS, or add `<|pad|>` (and grow the embeddings) when there is none.
+
+No code from a model folder or hub repo runs: `trust_remote_code` is passed as False (transformers would otherwise
+ask on a terminal and run the repo's Python on "y") unless a caller explicitly turns it on.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import torch
@@ -20,15 +24,44 @@ PAD_TOKEN = "<|pad|>"
 HEAD_NAMES = ("lm_head", "score", "embed_out", "v_head")
 
 
-def load_tokenizer(name_or_path: str, padding_side: str = "right"):
+def looks_local(name_or_path: str) -> bool:
+    """A path, not a hub id: absolute, starting with . or ~, or with more than the one slash of `org/name`."""
+    p = str(name_or_path)
+    return p.startswith((".", "~")) or os.path.isabs(p) or p.count("/") > 1 or "\\" in p
+
+
+def model_location(name_or_path: str) -> str:
+    """What from_pretrained should get: a local folder (checked to exist) or a hub id, passed on unchanged.
+    A missing local path fails here, naming it, instead of as a hub error about repo-id syntax."""
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    if looks_local(path):
+        full = os.path.abspath(os.path.expanduser(path))
+        what = "is a file, not a model folder" if os.path.exists(full) else "no such folder"
+        raise FileNotFoundError(f"model {name_or_path!r}: {what}: {full}")
+    return path
+
+
+def _remote_code_error(name_or_path: str, e: ValueError) -> ValueError:
+    """transformers' custom-code refusal -> one naming the model, without its advice to turn the code on."""
+    if "trust_remote_code" not in str(e):
+        return e
+    return ValueError(f"model {name_or_path!r} needs its own Python code (an auto_map in its config) to load; "
+                      "chatrlhf does not run code from model files (trust_remote_code is off)")
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right", trust_remote_code: bool = False):
     """The model's own tokenizer with a pad token distinct from EOS (see the module docstring)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = model_location(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise OSError(f"cannot load a tokenizer from {name_or_path!r}: {e}") from e
+    except ValueError as e:
+        raise _remote_code_error(name_or_path, e) from None
     if tok.eos_token is None:
         raise ValueError(f"the tokenizer of {name_or_path!r} has no EOS token; chatrlhf needs one to end answers")
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
@@ -52,7 +85,8 @@ def configure_dropout(config, dropout: float | None) -> None:
 
 
 def load_model(name_or_path: str, tokenizer, *, head: str = "causal_lm", dtype: torch.dtype = torch.float32,
-               dropout: float | None = None, gradient_checkpointing: bool = False, zero3_config: dict | None = None):
+               dropout: float | None = None, gradient_checkpointing: bool = False, zero3_config: dict | None = None,
+               trust_remote_code: bool = False):
     """An HF model for training: `head` is "causal_lm" or "score" (a scalar head: reward model or critic).
 
     A "score" model loads from a causal-LM checkpoint too (the head is then freshly initialised).
@@ -61,11 +95,13 @@ def load_model(name_or_path: str, tokenizer, *, head: str = "causal_lm", dtype: 
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = resolve_model_path(name_or_path)
+    path = model_location(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise OSError(f"cannot load a model config from {name_or_path!r}: {e}") from e
+    except ValueError as e:
+        raise _remote_code_error(name_or_path, e) from None
     configure_dropout(config, dropout)
     if head == "causal_lm":
         cls = AutoModelForCausalLM
@@ -78,7 +114,11 @@ def load_model(name_or_path: str, tokenizer, *, head: str = "causal_lm", dtype: 
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3 = HfDeepSpeedConfig(zero3_config)  # must stay alive while loading: transformers holds a weakref
-    model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    try:
+        model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True,
+                                          trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise _remote_code_error(name_or_path, e) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     # Set after construction: an added pad id is out of range of the checkpoint's embedding (its padding_idx).

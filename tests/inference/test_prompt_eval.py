@@ -9,7 +9,7 @@ import torch
 from chatrlhf.inference.chatbot import Chat
 from chatrlhf.inference.prompt_eval import (DEFAULT_PROMPTS, PromptEvalConfig, compare, format_records, main,
                                             mean_scores, read_prompts)
-from chatrlhf.training.step2_reward.rw_eval import load_reward_model, score_texts
+from chatrlhf.training.reward_model import load_reward_model, score_texts
 from chatrlhf.utils.config import parse_config
 from chatrlhf.utils.models import load_model, load_tokenizer
 

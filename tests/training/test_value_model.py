@@ -140,11 +140,11 @@ def test_a_multi_label_head_is_refused(tiny_model_dir):
 def test_zero3_engine_and_its_module_give_the_plain_scores(tiny_model_dir):
     """Under ZeRO-3 the parameters live in shards; calling the whole model lets DeepSpeed gather them."""
     from chatrlhf.training.builders import build_trained_model
-    from chatrlhf.training.config import EngineArgs, ModelArgs
+    from chatrlhf.training.config import EngineArgs, ModelArgs, OptimArgs
 
     path = str(tiny_model_dir("llama"))
     tok = load_tokenizer(path)
-    engine = build_trained_model(ModelArgs(model_name_or_path=path, zero_stage=3), EngineArgs(dtype="fp32"), tok,
+    engine = build_trained_model(ModelArgs(model_name_or_path=path, zero_stage=3), OptimArgs(), EngineArgs(dtype="fp32"), tok,
                                  head="score", micro_batch_size=3, total_steps=1)
     ids, mask = _pairs(tok)
     with torch.no_grad():

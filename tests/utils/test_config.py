@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from chatrlhf.training.config import DataArgs, EngineArgs, ModelArgs, TrainArgs
+from chatrlhf.training.config import OPTIM_SHARED, DataArgs, DSChatArgs, EngineArgs, ModelArgs, OptimArgs, TrainArgs
 from chatrlhf.training.step1_sft.config import SFTConfig
 from chatrlhf.utils.config import (
     build_parser,
@@ -26,8 +26,10 @@ from chatrlhf.utils.config import (
 class TwoModels:
     """A step-3-like config: one ModelArgs group per model, prefixed, with per-group default overrides."""
 
-    actor: ModelArgs = group(ModelArgs, "actor_", learning_rate=1e-6, zero_stage=2)
-    critic: ModelArgs = group(ModelArgs, "critic_", learning_rate=5e-6)
+    actor: ModelArgs = group(ModelArgs, "actor_", zero_stage=2)
+    critic: ModelArgs = group(ModelArgs, "critic_")
+    actor_optim: OptimArgs = group(OptimArgs, "actor_", shared=OPTIM_SHARED, learning_rate=1e-6)
+    critic_optim: OptimArgs = group(OptimArgs, "critic_", shared=OPTIM_SHARED, learning_rate=5e-6)
     engine: EngineArgs = group(EngineArgs)
     kl_coef: float = 0.1
     """KL penalty, 10% of the reward scale."""
@@ -46,17 +48,17 @@ DS_CHAT_FLAGS = [
     (["--data_output_path", "/tmp/data_files"], "data.data_output_path", "/tmp/data_files"),
     (["--sft_only_data_path", "a.json", "b.json"], "data.sft_only_data_path", ["a.json", "b.json"]),
     (["--model_name_or_path", "facebook/opt-1.3b"], "model.model_name_or_path", "facebook/opt-1.3b"),
-    (["--max_seq_len", "256"], "max_seq_len", 256),
+    (["--max_seq_len", "256"], "train.max_seq_len", 256),
     (["--per_device_train_batch_size", "4"], "train.per_device_train_batch_size", 4),
     (["--per_device_eval_batch_size", "2"], "train.per_device_eval_batch_size", 2),
-    (["--learning_rate", "9.65e-6"], "model.learning_rate", 9.65e-6),
-    (["--weight_decay", "0."], "model.weight_decay", 0.0),
-    (["--weight_decay", "0.1"], "model.weight_decay", 0.1),
+    (["--learning_rate", "9.65e-6"], "optim.learning_rate", 9.65e-6),
+    (["--weight_decay", "0."], "optim.weight_decay", 0.0),
+    (["--weight_decay", "0.1"], "optim.weight_decay", 0.1),
     (["--num_train_epochs", "16"], "train.num_train_epochs", 16),
-    (["--gradient_accumulation_steps", "4"], "engine.gradient_accumulation_steps", 4),
-    (["--lr_scheduler_type", "linear"], "engine.lr_scheduler_type", "linear"),
-    (["--lr_scheduler_type", "cosine"], "engine.lr_scheduler_type", "cosine"),
-    (["--num_warmup_steps", "100"], "engine.num_warmup_steps", 100),
+    (["--gradient_accumulation_steps", "4"], "optim.gradient_accumulation_steps", 4),
+    (["--lr_scheduler_type", "linear"], "optim.lr_scheduler_type", "linear"),
+    (["--lr_scheduler_type", "cosine"], "optim.lr_scheduler_type", "cosine"),
+    (["--num_warmup_steps", "100"], "optim.num_warmup_steps", 100),
     (["--seed", "42"], "train.seed", 42),
     (["--output_dir", "out/sft"], "train.output_dir", "out/sft"),
     (["--gradient_checkpointing"], "model.gradient_checkpointing", True),
@@ -71,17 +73,17 @@ DS_CHAT_FLAGS = [
     (["--lora_dim", "128"], "model.lora_dim", 128),
     (["--lora_module_name", "decoder.layers."], "model.lora_module_name", "decoder.layers."),
     (["--only_optimize_lora"], "engine.only_optimize_lora", True),
-    (["--lora_learning_rate", "1e-4"], "model.lora_learning_rate", 1e-4),
+    (["--lora_learning_rate", "1e-4"], "optim.lora_learning_rate", 1e-4),
     (["--enable_tensorboard"], "train.enable_tensorboard", True),
     (["--tensorboard_path", "tb/step1"], "train.tensorboard_path", "tb/step1"),
     (["--dropout", "0.1"], "model.dropout", 0.1),
     (["--dropout", "0.0"], "model.dropout", 0.0),
-    (["--local_rank", "0"], "engine.local_rank", 0),
-    (["--local_rank=1"], "engine.local_rank", 1),  # what the deepspeed launcher passes
-    (["--deepspeed"], "engine.deepspeed", True),
+    (["--local_rank", "0"], "dschat.local_rank", 0),
+    (["--local_rank=1"], "dschat.local_rank", 1),  # what the deepspeed launcher passes
+    (["--deepspeed"], "dschat.deepspeed", True),
     (["--deepspeed_config", "ds.json"], "engine.deepspeed_config", "ds.json"),
     (["--print_loss"], "train.print_loss", True),
-    (["--add_eot_token"], "train.add_eot_token", True),
+    (["--add_eot_token"], "dschat.add_eot_token", True),
     (["--compute_fp32_loss"], "engine.compute_fp32_loss", True),
 ]
 
@@ -99,9 +101,9 @@ BOOL_FLAGS = [
     ("only_optimize_lora", "engine.only_optimize_lora"),
     ("enable_tensorboard", "train.enable_tensorboard"),
     ("print_loss", "train.print_loss"),
-    ("add_eot_token", "train.add_eot_token"),
+    ("add_eot_token", "dschat.add_eot_token"),
     ("compute_fp32_loss", "engine.compute_fp32_loss"),
-    ("deepspeed", "engine.deepspeed"),
+    ("deepspeed", "dschat.deepspeed"),
 ]
 
 
@@ -119,7 +121,7 @@ def test_store_true_style_flags(flag, path):
 
 def test_launcher_local_rank_first_then_script_flags():
     cfg = parse_config(SFTConfig, ["--local_rank=1", "--deepspeed", "--zero_stage", "2"])
-    assert (cfg.engine.local_rank, cfg.engine.deepspeed, cfg.model.zero_stage) == (1, True, 2)
+    assert (cfg.dschat.local_rank, cfg.dschat.deepspeed, cfg.model.zero_stage) == (1, True, 2)
 
 
 def test_realistic_ds_chat_command_line_parses():
@@ -132,17 +134,17 @@ def test_realistic_ds_chat_command_line_parses():
     assert cfg.data.data_split == "2,4,4"
     assert cfg.model.model_name_or_path == "facebook/opt-1.3b"
     assert (cfg.train.per_device_train_batch_size, cfg.train.per_device_eval_batch_size) == (8, 8)
-    assert cfg.max_seq_len == 512
-    assert cfg.model.learning_rate == pytest.approx(9.65e-6)
-    assert cfg.model.weight_decay == 0.0
+    assert cfg.train.max_seq_len == 512
+    assert cfg.optim.learning_rate == pytest.approx(9.65e-6)
+    assert cfg.optim.weight_decay == 0.0
     assert cfg.train.num_train_epochs == 16
-    assert cfg.engine.gradient_accumulation_steps == 1
-    assert cfg.engine.lr_scheduler_type == "cosine"
-    assert cfg.engine.num_warmup_steps == 0
+    assert cfg.optim.gradient_accumulation_steps == 1
+    assert cfg.optim.lr_scheduler_type == "cosine"
+    assert cfg.optim.num_warmup_steps == 0
     assert cfg.train.seed == 1234
     assert cfg.model.gradient_checkpointing is True
     assert cfg.model.zero_stage == 3
-    assert cfg.engine.deepspeed is True
+    assert cfg.dschat.deepspeed is True
     assert cfg.train.output_dir == "out"
     # Everything not given keeps its default.
     assert cfg.model.lora_dim == 0 and cfg.engine.offload is False
@@ -155,22 +157,22 @@ def test_ds_chat_lora_recipe_parses():
     cfg = parse_config(SFTConfig, argv.split())
     assert cfg.model.lora_dim == 128 and cfg.model.lora_module_name == "decoder.layers."
     assert cfg.engine.only_optimize_lora and cfg.engine.offload and cfg.engine.dtype == "bf16"
-    assert cfg.model.lora_learning_rate == 5e-4 and cfg.model.dropout == 0.0
+    assert cfg.optim.lora_learning_rate == 5e-4 and cfg.model.dropout == 0.0
     assert cfg.train.enable_tensorboard and cfg.train.tensorboard_path == "tb"
 
 
 def test_defaults_are_sane():
     cfg = parse_config(SFTConfig, [])
     assert cfg == SFTConfig()  # parsing nothing gives the dataclass defaults
-    assert 1e-6 <= cfg.model.learning_rate <= 1e-4  # not DeepSpeed-Chat's 1e-3, which wrecks a pretrained model
-    assert cfg.model.lora_learning_rate < 1e-3
+    assert 1e-6 <= cfg.optim.learning_rate <= 1e-4  # not DeepSpeed-Chat's 1e-3, which wrecks a pretrained model
+    assert cfg.optim.lora_learning_rate < 1e-3
     assert cfg.model.zero_stage == 0 and cfg.model.lora_dim == 0 and cfg.model.dropout is None
-    assert cfg.engine.dtype == "auto" and cfg.engine.gradient_accumulation_steps == 1
-    assert cfg.engine.local_rank == -1 and cfg.engine.deepspeed is False and cfg.engine.offload is False
+    assert cfg.engine.dtype == "auto" and cfg.optim.gradient_accumulation_steps == 1
+    assert cfg.dschat.local_rank == -1 and cfg.dschat.deepspeed is False and cfg.engine.offload is False
     assert cfg.data.data_split == "2,4,4" and cfg.data.data_path
     assert cfg.train.output_dir == "output/step1_sft"  # SFTConfig's group override of TrainArgs' default
     assert cfg.train.num_train_epochs >= 1 and cfg.train.per_device_train_batch_size >= 1
-    assert cfg.max_seq_len == 512
+    assert cfg.train.max_seq_len == 512
 
 
 # ------------------------------------------------------------------------------------------ YAML and round trips
@@ -183,9 +185,9 @@ def test_yaml_config_gives_values_and_cli_overrides(tmp_path):
     }))
     cfg = parse_config(SFTConfig, ["--config", str(path)])
     assert cfg.model.model_name_or_path == "from/yaml" and cfg.model.zero_stage == 2
-    assert cfg.model.learning_rate == 1e-5  # YAML reads `1e-5` as a string; converted to float
+    assert cfg.optim.learning_rate == 1e-5  # YAML reads `1e-5` as a string; converted to float
     assert cfg.data.data_path == ["x", "y"] and cfg.engine.offload is True and cfg.engine.dtype == "bf16"
-    assert cfg.train.seed == 7 and cfg.max_seq_len == 128
+    assert cfg.train.seed == 7 and cfg.train.max_seq_len == 128
 
     cfg = parse_config(SFTConfig, ["--config", str(path), "--zero_stage", "3", "--offload", "false", "--data_path", "z"])
     assert cfg.model.zero_stage == 3 and cfg.engine.offload is False and cfg.data.data_path == ["z"]
@@ -257,7 +259,7 @@ def test_save_load_round_trip(tmp_path):
     assert flat["zero_stage"] == 3 and flat["data_path"] == ["a", "b"] and flat["lora_alpha"] is None
     loaded = load_config(SFTConfig, tmp_path / "ckpt")
     assert loaded == cfg
-    assert type(loaded.model.learning_rate) is float and type(loaded.model.zero_stage) is int
+    assert type(loaded.optim.learning_rate) is float and type(loaded.model.zero_stage) is int
     # Defaults round-trip too (None, empty lists).
     save_config(SFTConfig(), tmp_path / "defaults")
     assert load_config(SFTConfig, tmp_path / "defaults") == SFTConfig()
@@ -279,8 +281,8 @@ def test_to_flat_from_flat_are_inverse():
 
 def test_every_step1_field_is_one_unique_flag():
     flat = to_flat(SFTConfig())
-    groups = (ModelArgs, EngineArgs, DataArgs, TrainArgs)
-    expected = {f.name for g in groups for f in dataclasses.fields(g)} | {"max_seq_len", "train_on_prompt"}
+    groups = (ModelArgs, OptimArgs, EngineArgs, DataArgs, TrainArgs, DSChatArgs)
+    expected = {f.name for g in groups for f in dataclasses.fields(g)} | {"train_on_prompt"}
     assert set(flat) == expected
 
 
@@ -297,15 +299,35 @@ def test_prefixed_groups_make_prefixed_flags():
 def test_prefixed_group_defaults_and_values():
     cfg = parse_config(TwoModels, [])
     assert cfg == TwoModels()
-    assert (cfg.actor.learning_rate, cfg.actor.zero_stage) == (1e-6, 2)  # group overrides
-    assert (cfg.critic.learning_rate, cfg.critic.zero_stage) == (5e-6, 0)
-    assert cfg.critic.lora_learning_rate == ModelArgs().lora_learning_rate  # not overridden: the group's own
+    assert (cfg.actor_optim.learning_rate, cfg.actor.zero_stage) == (1e-6, 2)  # group overrides
+    assert (cfg.critic_optim.learning_rate, cfg.critic.zero_stage) == (5e-6, 0)
+    assert cfg.critic_optim.lora_learning_rate == OptimArgs().lora_learning_rate  # not overridden: the group's own
     cfg = parse_config(TwoModels, ["--actor_zero_stage", "3", "--critic_learning_rate", "1e-4", "--critic_lora_dim", "4",
                                    "--actor_gradient_checkpointing", "--offload"])
     assert cfg.actor.zero_stage == 3 and cfg.critic.zero_stage == 0
-    assert cfg.critic.learning_rate == 1e-4 and cfg.actor.learning_rate == 1e-6
+    assert cfg.critic_optim.learning_rate == 1e-4 and cfg.actor_optim.learning_rate == 1e-6
     assert cfg.critic.lora_dim == 4 and cfg.actor.lora_dim == 0
     assert cfg.actor.gradient_checkpointing and not cfg.critic.gradient_checkpointing and cfg.engine.offload
+
+
+def test_shared_fields_of_two_groups_are_one_flag():
+    flags = set(to_flat(TwoModels()))
+    assert "num_warmup_steps" in flags and "actor_num_warmup_steps" not in flags
+    assert {"actor_learning_rate", "critic_learning_rate", "actor_weight_decay"} <= flags
+    cfg = parse_config(TwoModels, ["--num_warmup_steps", "7", "--critic_learning_rate", "2e-4"])
+    assert cfg.actor_optim.num_warmup_steps == cfg.critic_optim.num_warmup_steps == 7
+    assert (cfg.actor_optim.learning_rate, cfg.critic_optim.learning_rate) == (1e-6, 2e-4)
+    assert from_flat(TwoModels, to_flat(cfg)) == cfg
+
+
+def test_a_flag_declared_twice_is_refused():
+    @dataclass
+    class Clash:
+        a: OptimArgs = group(OptimArgs, "x_")
+        b: OptimArgs = group(OptimArgs, "x_")
+
+    with pytest.raises(TypeError, match="declared twice"):
+        build_parser(Clash)
 
 
 def test_prefixed_group_round_trip_and_help(tmp_path, capsys, monkeypatch):
@@ -350,10 +372,10 @@ def test_help_contains_every_field_docstring(capsys, monkeypatch):
         parse_config(SFTConfig, ["--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    for cls in (ModelArgs, EngineArgs, DataArgs, TrainArgs, SFTConfig):
+    for cls in (ModelArgs, OptimArgs, EngineArgs, DataArgs, TrainArgs, DSChatArgs, SFTConfig):
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.type) or f.name in ("model", "engine", "data", "train"):
+            if dataclasses.is_dataclass(f.type) or f.name in ("model", "optim", "engine", "data", "train", "dschat"):
                 continue
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
             assert f"--{f.name}" in out

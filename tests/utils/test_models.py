@@ -2,6 +2,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,73 @@ def test_missing_model_path_names_it(tmp_path, tokenizer):
         models.load_tokenizer(missing)
     with pytest.raises(OSError, match="no-such-model"):
         models.load_model(missing, tokenizer)
+
+
+@pytest.mark.parametrize("name", ["./no/such/dir", "/abs/missing", "~/no-such-chatrlhf-model", "a/b/c"])
+def test_missing_local_folder_is_named_not_sent_to_the_hub(name, tokenizer, monkeypatch):
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"from_pretrained was called for {args[0]!r}")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    full = re.escape(str(Path(name).expanduser().absolute()).replace("/./", "/"))
+    with pytest.raises(FileNotFoundError, match=rf"no such folder: {full}"):
+        models.load_tokenizer(name)
+    with pytest.raises(FileNotFoundError, match=rf"no such folder: {full}"):
+        models.load_model(name, tokenizer)
+
+
+def test_a_hub_id_still_goes_to_the_hub(monkeypatch, tmp_path):
+    import transformers
+
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    asked = []
+
+    def fake(name, **kwargs):
+        asked.append((name, kwargs.get("trust_remote_code")))
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
+    with pytest.raises(OSError, match="cannot load a tokenizer from 'some-org/some-model'"):
+        models.load_tokenizer("some-org/some-model")
+    assert asked == [("some-org/some-model", False)]
+
+
+@pytest.fixture
+def custom_code_model(tiny_model_dir, tmp_path, monkeypatch):
+    """A model folder whose config and tokenizer point at their own Python files (auto_map); importing either
+    file creates a marker. Returns (folder, marker)."""
+    from transformers import dynamic_module_utils
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = Path(shutil.copytree(tiny_model_dir("llama"), tmp_path / "custom"))
+    marker = tmp_path / "custom-code-ran"
+    for module, base, cls in (("configuration_evil", "LlamaConfig", "EvilConfig"),
+                              ("tokenization_evil", "PreTrainedTokenizerFast", "EvilTokenizer")):
+        (folder / f"{module}.py").write_text(
+            f"open({str(marker)!r}, 'w').close()\nfrom transformers import {base}\n\n\n"
+            f"class {cls}({base}):\n    model_type = 'chatrlhf_evil'\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="chatrlhf_evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config.update(tokenizer_class="EvilTokenizer",
+                      auto_map={"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    # Left unset, transformers asks on the terminal and runs the code on "y": answer it so.
+    monkeypatch.setattr("builtins.input", lambda prompt="": "y")
+    return folder, marker
+
+
+def test_code_in_a_model_folder_never_runs(custom_code_model, tokenizer):
+    folder, marker = custom_code_model
+    with pytest.raises(ValueError, match=rf"model '{re.escape(str(folder))}' needs its own Python code"):
+        models.load_model(str(folder), tokenizer)
+    with pytest.raises(ValueError, match="does not run code from model files"):
+        models.load_tokenizer(str(folder))
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------ load_model

@@ -13,7 +13,9 @@ Adding a layout is one function and a decorator:
 
 Detection runs the formats' `detect` in registration order on a source's first record and picks the first
 match; `normalize(..., data_format=name)` forces one. Converters raise `Malformed("what is wrong")`; `normalize`
-turns that into a `DataFormatError` naming the source and record number, or skips and counts it.
+turns that into a `DataFormatError` naming the source and record, or skips and counts it (--skip_malformed).
+Records are named as their file numbers them: "line 7" (1-based) in JSONL, "record 3 of the array" (0-based) in a
+JSON list, "row 3" in Parquet, "record 3" (0-based) for anything else.
 """
 from __future__ import annotations
 
@@ -36,6 +38,25 @@ class DataFormatError(ValueError):
 
 class Malformed(Exception):
     """Raised by converters with what is wrong; `normalize` adds where."""
+
+
+class Unreadable:
+    """Stands in for a record its file reader could not parse (a non-JSON line): `normalize` reports it like a
+    malformed record, so --skip_malformed skips and counts it too."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+
+class Located:
+    """Records paired with where each came from: an iterable of (where, record), `where` as the file numbers it
+    ("line 7"). File readers return these so that errors use the file's own numbering."""
+
+    def __init__(self, pairs: Iterable[tuple[str, Any]]):
+        self.pairs = pairs
+
+    def __iter__(self):
+        return iter(self.pairs)
 
 
 @dataclass(frozen=True)
@@ -250,7 +271,7 @@ def _detect(record: Any) -> str:
         if fmt.detect(record):
             return fmt.name
     raise Malformed(f"keys {sorted(record)} match no data format ({', '.join(FORMATS)}); "
-                    "pass data_format= or register one with @register_format")
+                    "pass --data_format or register one with @register_format")
 
 
 def detect_format(record: Any, source: str) -> str:
@@ -261,37 +282,46 @@ def detect_format(record: Any, source: str) -> str:
         raise DataFormatError(f"{source}: record 0: {e}") from None
 
 
-def normalize(records: Iterable[dict], source: str, data_format: str | None = None,
-              skip_malformed: bool = False) -> tuple[dict[str, list], dict]:
+def normalize(records: Iterable[dict] | Located, source: str, data_format: str | None = None,
+              skip_malformed: bool = False, require_pairs: bool = False) -> tuple[dict[str, list], dict]:
     """Converts raw records to example columns {"prompt": [...], "chosen": [...], "rejected": [...]}.
 
-    Returns (columns, stats) with stats {"format", "records", "skipped_malformed"}. A malformed record raises
-    DataFormatError("<source>: record <i>: <what>") unless skip_malformed, in which case it is counted, the
-    first few are logged, and the count is warned about.
+    `records` is a plain iterable (its items named "record <i>", 0-based) or a `Located` one from a file reader.
+    Returns (columns, stats) with stats {"format", "records", "skipped_malformed"}. A malformed record (or an
+    `Unreadable` one) raises DataFormatError("<source>: <where>: <what>") unless skip_malformed, in which case it
+    is counted, the first few are logged, and the count is warned about. require_pairs: a record without a
+    rejected response is malformed too (preference data), instead of a single-response example.
     """
     columns: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
-    fmt, skipped, i = None, 0, -1
+    fmt, skipped, n = None, 0, 0
     if data_format is not None and data_format not in FORMATS:
         raise DataFormatError(f"{source}: unknown data format {data_format!r}; known: {', '.join(FORMATS)}")
-    for i, record in enumerate(records):
+    items = records if isinstance(records, Located) else ((f"record {i}", r) for i, r in enumerate(records))
+    for where, record in items:
+        n += 1
         try:
+            if isinstance(record, Unreadable):
+                raise Malformed(record.what)
             if fmt is None:  # detected on the first record (with skip_malformed: the first usable one)
                 fmt = FORMATS[data_format or _detect(record)]
             if not isinstance(record, dict):
                 raise Malformed(f"expected a JSON object, got {type(record).__name__}")
             ex = fmt.convert(record)
+            if require_pairs and ex["rejected"] is None:
+                raise Malformed("missing field 'rejected' (preference data needs a rejected response in every record)")
         except (Malformed, KeyError, TypeError, ValueError, AttributeError) as e:
             # Non-Malformed errors come from converters that trip over an unexpected type.
             e = e if isinstance(e, Malformed) else f"{type(e).__name__}: {e}"
             if not skip_malformed:
-                how = f" (format {fmt.name}; pass skip_malformed=True to skip such records)" if fmt else ""
-                raise DataFormatError(f"{source}: record {i}: {e}{how}") from None
+                how = f"format {fmt.name}; " if fmt else ""
+                raise DataFormatError(f"{source}: {where}: {e} ({how}pass --skip_malformed to skip such records)") \
+                    from None
             skipped += 1
             if skipped <= 5:
-                logger.info("%s: skipping malformed record %d: %s", source, i, e)
+                logger.info("%s: skipping malformed %s: %s", source, where, e)
             continue
         for key in columns:
             columns[key].append(ex[key])
     if skipped:
-        logger.warning("%s: skipped %d malformed of %d records", source, skipped, i + 1)
-    return columns, {"format": fmt.name if fmt else data_format, "records": i + 1, "skipped_malformed": skipped}
+        logger.warning("%s: skipped %d malformed of %d records", source, skipped, n)
+    return columns, {"format": fmt.name if fmt else data_format, "records": n, "skipped_malformed": skipped}

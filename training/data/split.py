@@ -1,9 +1,9 @@
-"""DeepSpeed-Chat's `--data_split` semantics: each source is cut into three disjoint, seeded chunks,
-one per phase, so SFT, the reward model and PPO see different prompts (as in InstructGPT).
+"""DeepSpeed-Chat's `--data_split` semantics: each source is cut into three disjoint, seeded shares, so the
+steps that train on different shares (SFT, the reward model, PPO) see different prompts (as in InstructGPT).
 
 For each source and each of its splits (train, eval): shuffle range(n) with np.random.RandomState(seed),
-cut the permutation at round(n * cumulative proportion); phase k takes chunk k-1. SFT-only sources give
-everything to phase 1. Several sources blend by concatenating their phase chunks and shuffling with the seed.
+cut the permutation at round(n * cumulative proportion); share k is chunk k. A step names its share in its
+`StepData`. Several sources blend by concatenating their chunks and shuffling with the seed.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 from chatrlhf.training.data.formats import DataFormatError
 from chatrlhf.training.data.sources import Source
 
-PHASES = (1, 2, 3)
+SHARES = 3
 
 
 def parse_split(data_split: str) -> list[float]:
@@ -23,7 +23,7 @@ def parse_split(data_split: str) -> list[float]:
         raise ValueError(f"--data_split {data_split!r}: expected three comma-separated numbers such as 2,4,4") from None
     if len(parts) != 3 or any(not np.isfinite(x) or x < 0 for x in parts) or sum(parts) <= 0:
         raise ValueError(f"--data_split {data_split!r}: expected three non-negative numbers with a positive sum, "
-                         "one per phase (SFT, reward model, PPO), such as 2,4,4 or 10,0,0")
+                         "one per share (SFT, reward model, RL), such as 2,4,4 or 10,0,0")
     total = sum(parts)
     return [x / total for x in parts]
 
@@ -43,31 +43,26 @@ def chunk_indices(n: int, proportions: list[float], seed: int) -> list[np.ndarra
     return [idx[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def phase_indices(n: int, phase: int, data_split: str, seed: int) -> np.ndarray:
-    if phase not in PHASES:
-        raise ValueError(f"phase must be one of {PHASES}, got {phase}")
-    return chunk_indices(n, parse_split(data_split), seed)[phase - 1]
+def share_indices(n: int, share: int, data_split: str, seed: int) -> np.ndarray:
+    """The indices of range(n) in share `share` (0, 1 or 2) of `data_split`."""
+    if share not in range(SHARES):
+        raise ValueError(f"a data share must be 0, 1 or 2 (one per --data_split number), got {share}")
+    return chunk_indices(n, parse_split(data_split), seed)[share]
 
 
-def _require_pairs(ds, name: str, split: str) -> None:
+def require_pairs(ds, name: str, split: str, step: str) -> None:
+    """Every record of `ds` carries a rejected answer (steps that learn from preferences)."""
     missing = sum(r is None for r in ds["rejected"]) if len(ds) else 0
     if missing:
-        raise DataFormatError(f"{name}: {missing} of its {len(ds)} phase-2 {split} records have no 'rejected' "
-                              "response; the reward model needs pairs (pass this source as SFT-only data instead)")
+        raise DataFormatError(f"{name}: {missing} of its {len(ds)} {step} {split} records have no 'rejected' "
+                              "response; this step needs pairs (pass this source as SFT-only data instead)")
 
 
-def phase_subset(source: Source, phase: int, data_split: str, seed: int, sft_only: bool = False):
-    """(train, eval) Datasets of `source` for `phase`."""
-    out = []
-    for split, ds in (("train", source.train), ("eval", source.eval)):
-        if sft_only:
-            sub = ds if phase == 1 else ds.select([])
-        else:
-            sub = ds.select(phase_indices(len(ds), phase, data_split, seed))
-        if phase == 2:
-            _require_pairs(sub, source.name, split)
-        out.append(sub)
-    return tuple(out)
+def share_subset(source: Source, share: int, data_split: str, seed: int, whole: bool = False):
+    """(train, eval) Datasets of `source` in `share`; `whole` takes all of it (SFT-only data in step 1)."""
+    if whole:
+        return source.train, source.eval
+    return tuple(ds.select(share_indices(len(ds), share, data_split, seed)) for ds in (source.train, source.eval))
 
 
 def blend(parts: list, seed: int):

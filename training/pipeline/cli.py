@@ -20,7 +20,8 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,7 @@ from chatrlhf.training.pipeline.launch import (LAUNCHERS, StepFailed, command, c
                                                run_step)
 from chatrlhf.training.pipeline.plan import STEPS, PlanError, build_plan
 from chatrlhf.training.pipeline.report import duration, format_table, key_metrics, summary_rows, write_report
+from chatrlhf.utils.config import field_docs
 from chatrlhf.utils.smollm2 import DEFAULT_MODEL_NAME
 
 PROG = "chatrlhf-train"
@@ -37,31 +39,60 @@ FLAG_OPTIONS = ("--common-args", "--step1-args", "--step2-args", "--step3-args")
 
 @dataclass
 class PipelineOptions:
-    """The pipeline's own options (each step's flags go through common_args / stepN_args or the recipe)."""
+    """The pipeline's own options (each step's flags go through common_args / stepN_args or the recipe).
+
+    The command line is derived from this class (`build_parser`): each field is a `--dashed-name` flag whose help
+    is the field's docstring, so a default is written once, here."""
 
     actor_model: str = DEFAULT_MODEL_NAME
+    """Hugging Face causal LM (hub id or local folder) trained by steps 1 and 3"""
     reward_model: str = DEFAULT_MODEL_NAME
-    deployment_type: Optional[str] = None   # None: cpu without an accelerator, else single_gpu
+    """model the reward model and the critic start from in step 2; must share the actor's tokenizer"""
+    deployment_type: Optional[str] = None
+    """where to run (default: cpu without an accelerator, else single_gpu)"""
     step: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """steps to run, in increasing order"""
     output_dir: str = "./output"
-    actor_zero_stage: Optional[int] = None  # None: the recipe's
+    """root of step1_sft/, step2_reward/, step3_ppo/, logs/ and report.md"""
+    actor_zero_stage: Optional[int] = None
+    """ZeRO stage of the actor (steps 1 and 3); default: the recipe's"""
     reward_zero_stage: Optional[int] = None
+    """ZeRO stage of the reward model and critic (steps 2 and 3); default: the recipe's"""
     force: bool = False
+    """rerun the chosen steps from scratch even when done (drops their checkpoints and metrics)"""
     hostfile: Optional[str] = None
+    """DeepSpeed hostfile for multi_node (one `host slots=N` line per node)"""
     num_gpus: Optional[int] = None
-    recipe: Optional[str] = None            # a recipe file or packaged name (e.g. small_single_gpu); None: by size
+    """GPUs per node for single_node/multi_node (default: all); CPU ranks for cpu (default: 1)"""
+    recipe: Optional[str] = None
+    """a recipe YAML file, or the name of a packaged one (e.g. small_single_gpu); default: picked by the actor's
+    size and --deployment-type"""
     common_args: str = ""
+    """flags given to every step that has them"""
     step1_args: str = ""
+    """flags for step 1 (SFT), as on its command line; they win over the recipe"""
     step2_args: str = ""
+    """flags for step 2 (reward model), as on its command line; they win over the recipe"""
     step3_args: str = ""
+    """flags for step 3 (PPO), as on its command line; they win over the recipe"""
     launcher: str = "auto"
+    """advanced: how steps start (auto: deepspeed on GPUs, python -m on CPU; inprocess: run(config) in this
+    process)"""
     report_samples: int = 4
+    """held-out prompts answered by the SFT and RLHF models in the report (0: none)"""
     dry_run: bool = False
-    command: str = ""                       # shown in the report
+    """check everything and print the commands; run nothing"""
+    command: str = ""
+    """the command line as typed, shown in the report (set by parse_options, not a flag)"""
+
+
+NOT_FLAGS = ("command",)
+CHOICES = {"deployment_type": recipes.DEPLOYMENTS, "step": sorted(STEPS), "actor_zero_stage": range(4),
+           "reward_zero_stage": range(4), "launcher": LAUNCHERS}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = PipelineOptions()
+    """The argparse parser of PipelineOptions: one flag per field, typed by its annotation."""
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Runs step 1 (SFT), step 2 (reward model) and step 3 (PPO with a critic) in order.",
@@ -69,39 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
                "--help`, step2_reward, step3_ppo):\n  --step1-args \"--learning_rate 1e-5 --max_seq_len 256\"\n"
                "  --step3-args \"--actor_lora_dim 8 --kl_coef 0.1\"\n  --common-args \"--data_path my.jsonl "
                "--dtype bf16\"   (each step takes the flags it has)\nRecipes: " + str(recipes.recipe_dir()))
-    p.add_argument("--actor-model", default=d.actor_model,
-                   help="Hugging Face causal LM (hub id or local folder) trained by steps 1 and 3 "
-                        "(default: %(default)s)")
-    p.add_argument("--reward-model", default=d.reward_model,
-                   help="model the reward model and the critic start from in step 2; must share the actor's "
-                        "tokenizer (default: %(default)s)")
-    p.add_argument("--deployment-type", choices=recipes.DEPLOYMENTS,
-                   help="where to run (default: cpu without an accelerator, else single_gpu)")
-    p.add_argument("--step", type=int, nargs="+", choices=sorted(STEPS), default=d.step,
-                   help="steps to run, in increasing order (default: 1 2 3)")
-    p.add_argument("--output-dir", default=d.output_dir,
-                   help="root of step1_sft/, step2_reward/, step3_ppo/, logs/ and report.md (default: %(default)s)")
-    p.add_argument("--actor-zero-stage", type=int, choices=range(4),
-                   help="ZeRO stage of the actor (steps 1 and 3); default: the recipe's")
-    p.add_argument("--reward-zero-stage", type=int, choices=range(4),
-                   help="ZeRO stage of the reward model and critic (steps 2 and 3); default: the recipe's")
-    p.add_argument("--force", action="store_true",
-                   help="rerun the chosen steps from scratch even when done (drops their checkpoints and metrics)")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile for multi_node (one `host slots=N` line per node)")
-    p.add_argument("--num-gpus", type=int,
-                   help="GPUs per node for single_node/multi_node (default: all); CPU ranks for cpu (default: 1)")
-    p.add_argument("--recipe", help="a recipe YAML file, or the name of a packaged one (e.g. small_single_gpu); "
-                                    "default: picked by the actor's size and --deployment-type")
-    for n, step in STEPS.items():
-        p.add_argument(f"--step{n}-args", default="", metavar="FLAGS",
-                       help=f"flags for step {n} ({step.title}), as on its command line; they win over the recipe")
-    p.add_argument("--common-args", default="", metavar="FLAGS", help="flags given to every step that has them")
-    p.add_argument("--report-samples", type=int, default=d.report_samples,
-                   help="held-out prompts answered by the SFT and RLHF models in the report (0: none)")
-    p.add_argument("--dry-run", action="store_true", help="check everything and print the commands; run nothing")
-    p.add_argument("--launcher", choices=LAUNCHERS, default=d.launcher,
-                   help="advanced: how steps start (auto: deepspeed on GPUs, python -m on CPU; inprocess: "
-                        "run(config) in this process)")
+    docs, hints = field_docs(PipelineOptions), typing.get_type_hints(PipelineOptions)
+    for f in fields(PipelineOptions):
+        if f.name in NOT_FLAGS:
+            continue
+        default = f.default_factory() if f.default is MISSING else f.default
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Union:  # Optional[X] -> X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        shown = "" if default in (None, "", False) else f" (default: {' '.join(map(str, default))})" if isinstance(
+            default, list) else " (default: %(default)s)"
+        kwargs = {"default": default, "help": docs[f.name].replace("%", "%%") + shown}
+        if tp is bool:
+            kwargs["action"] = "store_true"
+        elif typing.get_origin(tp) is list:
+            kwargs.update(nargs="+", type=typing.get_args(tp)[0])
+        else:
+            kwargs["type"] = tp
+        if f.name in CHOICES:
+            kwargs["choices"] = CHOICES[f.name]
+        if f.name.endswith("_args"):
+            kwargs["metavar"] = "FLAGS"
+        p.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return p
 
 

@@ -7,7 +7,6 @@ Every step's flags are checked against its config class here, before anything ru
 """
 from __future__ import annotations
 
-import importlib
 import json
 import shlex
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from chatrlhf.training.pipeline import recipes
+from chatrlhf.training.steps import STEPS, Step
 from chatrlhf.utils.config import build_parser, from_flat, read_yaml
 
 DONE_FILE = "pipeline_done.json"
@@ -23,27 +23,6 @@ DONE_FILE = "pipeline_done.json"
 
 class PlanError(ValueError):
     """A wrong option, found before anything starts."""
-
-
-@dataclass(frozen=True)
-class Step:
-    number: int
-    name: str        # output sub-folder and log name
-    title: str
-    module: str      # runs as `python -m` / `deepspeed --module`
-    config: str      # "module:Class"
-
-    def config_class(self):
-        module, cls = self.config.split(":")
-        return getattr(importlib.import_module(module), cls)
-
-
-STEPS = {
-    1: Step(1, "step1_sft", "SFT", "chatrlhf.training.step1_sft", "chatrlhf.training.step1_sft.config:SFTConfig"),
-    2: Step(2, "step2_reward", "reward model", "chatrlhf.training.step2_reward",
-            "chatrlhf.training.step2_reward.config:RewardConfig"),
-    3: Step(3, "step3_ppo", "PPO", "chatrlhf.training.step3_ppo", "chatrlhf.training.step3_ppo.config:PPOConfig"),
-}
 
 
 @dataclass

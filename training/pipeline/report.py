@@ -140,7 +140,7 @@ def plot_step(n: int, output_dir: Path, png: Path) -> bool:
 def heldout_prompts(plan_flags: dict, tokenizer_path: str, n: int) -> list:
     """The `n` shortest held-out step-3 prompts (chat messages), from the same split step 3 evaluated on."""
     from chatrlhf.training.step3_ppo.config import PPOConfig
-    from chatrlhf.training.step3_ppo.main import prompt_data
+    from chatrlhf.training.step3_ppo.data import prompt_data
     from chatrlhf.utils.config import from_flat
     from chatrlhf.utils.models import load_tokenizer
 

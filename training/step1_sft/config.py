@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chatrlhf.training.config import DataArgs, EngineArgs, ModelArgs, TrainArgs
+from chatrlhf.training.config import DataArgs, DSChatArgs, EngineArgs, ModelArgs, OptimArgs, TrainArgs
 from chatrlhf.utils.config import group
 
 
@@ -12,10 +12,10 @@ class SFTConfig:
     """Step 1: supervised fine-tuning of a causal LM on prompt/answer pairs."""
 
     model: ModelArgs = group(ModelArgs)
+    optim: OptimArgs = group(OptimArgs)
     engine: EngineArgs = group(EngineArgs)
     data: DataArgs = group(DataArgs)
     train: TrainArgs = group(TrainArgs, output_dir="output/step1_sft")
-    max_seq_len: int = 512
-    """Longest prompt + answer in tokens; longer examples follow --overlength."""
+    dschat: DSChatArgs = group(DSChatArgs)
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: answer tokens and the closing EOS only)."""

@@ -9,11 +9,11 @@ Flags: `--help`; recipes: applications/recipes/. Parse -> build -> train -> save
 from __future__ import annotations
 
 from chatrlhf.training.builders import build_trained_model, start_run
-from chatrlhf.training.data.collate import SFTCollator
 from chatrlhf.training.data.pipeline import load_phase_data
 from chatrlhf.training.loop import total_optimizer_steps
 from chatrlhf.training.step1_sft import trainer
 from chatrlhf.training.step1_sft.config import SFTConfig
+from chatrlhf.training.step1_sft.data import SFT_DATA, SFTCollator
 from chatrlhf.utils.config import parse_config, save_config
 from chatrlhf.utils.logging import print0
 from chatrlhf.utils.models import load_tokenizer
@@ -23,17 +23,14 @@ def run(cfg: SFTConfig) -> dict:
     """Trains and saves; returns the final evaluation metrics."""
     logger = start_run(cfg.train)
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
-    data = load_phase_data(
-        cfg.data.data_path, phase=1, tokenizer=tokenizer, data_split=cfg.data.data_split,
-        sft_only_paths=cfg.data.sft_only_data_path, seed=cfg.train.seed, cache_dir=cfg.data.data_output_path,
-        max_seq_len=cfg.max_seq_len, overlength=cfg.data.overlength, train_on_prompt=cfg.train_on_prompt,
-        skip_malformed=cfg.data.skip_malformed, eval_fraction=cfg.data.eval_fraction, data_format=cfg.data.data_format)
+    data = load_phase_data(cfg.data, SFT_DATA, tokenizer, seed=cfg.train.seed, max_seq_len=cfg.train.max_seq_len,
+                           train_on_prompt=cfg.train_on_prompt)
     print0(f"step 1: {len(data.train)} training and {len(data.eval)} eval examples; {data.stats}")
-    total_steps = total_optimizer_steps(len(data.train), cfg.train, cfg.engine.gradient_accumulation_steps)
-    engine = build_trained_model(cfg.model, cfg.engine, tokenizer, head="causal_lm",
+    total_steps = total_optimizer_steps(len(data.train), cfg.train, cfg.optim.gradient_accumulation_steps)
+    engine = build_trained_model(cfg.model, cfg.optim, cfg.engine, tokenizer, head="causal_lm",
                                  micro_batch_size=cfg.train.per_device_train_batch_size, total_steps=total_steps)
     save_config(cfg, cfg.train.output_dir)
-    metrics = trainer.train(engine, data, SFTCollator(tokenizer), cfg, logger)
+    metrics = trainer.train(engine, data, SFTCollator(tokenizer), cfg, logger, total_steps)
     engine.save_pretrained(cfg.train.output_dir, tokenizer, keep_lora_adapter=cfg.model.keep_lora_adapter)
     logger.close()
     print0(f"step 1 done: {metrics}; model saved to {cfg.train.output_dir}")

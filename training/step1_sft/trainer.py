@@ -1,4 +1,4 @@
-"""Step 1 loss and evaluation; the loop itself is `chatrlhf.training.loop.fit`, shared with step 2."""
+"""Step 1: the SFT loss, its evaluation, and the training run (the loop skeleton is `chatrlhf.training.loop.fit`)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from chatrlhf.training.loop import eval_loader, fit
+from chatrlhf.training.loop import eval_loader, fit_supervised
 from chatrlhf.utils import distributed as dist
 
 
@@ -50,11 +50,10 @@ def evaluate(engine, dataset, collate_fn, batch_size: int, max_batches: int, fp3
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
-def train(engine, data, collate_fn, cfg, logger) -> dict:
-    fp32 = cfg.engine.compute_fp32_loss
-    return fit(engine, data.train, collate_fn, cfg.train,
-               loss_fn=lambda e, b: sft_loss(e, b, fp32),
-               evaluate=lambda e: evaluate(e, data.eval, collate_fn, cfg.train.per_device_eval_batch_size,
-                                           cfg.train.eval_iters, fp32),
-               gradient_accumulation_steps=cfg.engine.gradient_accumulation_steps, logger=logger, desc="step 1 SFT",
-               config=cfg)
+def train(engine, data, collate_fn, cfg, logger, total_steps: int) -> dict:
+    """Trains `engine` for `total_steps` optimizer steps; returns the final evaluation metrics."""
+    fp32, run = cfg.engine.compute_fp32_loss, cfg.train
+    return fit_supervised(
+        engine, data.train, collate_fn, run, total_steps=total_steps, loss_fn=lambda e, b: sft_loss(e, b, fp32),
+        evaluate=lambda: evaluate(engine, data.eval, collate_fn, run.per_device_eval_batch_size, run.eval_iters, fp32),
+        logger=logger, desc="step 1 SFT", config=cfg)

@@ -12,11 +12,11 @@ applications/recipes/. Parse -> build -> train -> save; `run(config)` is what te
 from __future__ import annotations
 
 from chatrlhf.training.builders import build_trained_model, start_run
-from chatrlhf.training.data.collate import PairCollator
 from chatrlhf.training.data.pipeline import load_phase_data
 from chatrlhf.training.loop import total_optimizer_steps
 from chatrlhf.training.step2_reward import trainer
 from chatrlhf.training.step2_reward.config import RewardConfig
+from chatrlhf.training.step2_reward.data import REWARD_DATA, PairCollator
 from chatrlhf.utils.config import parse_config, save_config
 from chatrlhf.utils.logging import print0
 from chatrlhf.utils.models import load_tokenizer
@@ -25,19 +25,14 @@ from chatrlhf.utils.models import load_tokenizer
 def run(cfg: RewardConfig) -> dict:
     """Trains and saves; returns the final evaluation metrics."""
     logger = start_run(cfg.train)
-    if cfg.num_padding_at_beginning:
-        print0("step 2: --num_padding_at_beginning is ignored; scores are read at the last attention_mask == 1 token")
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
-    data = load_phase_data(
-        cfg.data.data_path, phase=2, tokenizer=tokenizer, data_split=cfg.data.data_split, seed=cfg.train.seed,
-        cache_dir=cfg.data.data_output_path, max_seq_len=cfg.max_seq_len, overlength=cfg.data.overlength,
-        skip_malformed=cfg.data.skip_malformed, eval_fraction=cfg.data.eval_fraction, data_format=cfg.data.data_format)
+    data = load_phase_data(cfg.data, REWARD_DATA, tokenizer, seed=cfg.train.seed, max_seq_len=cfg.train.max_seq_len)
     print0(f"step 2: {len(data.train)} training and {len(data.eval)} eval pairs; {data.stats}")
-    total_steps = total_optimizer_steps(len(data.train), cfg.train, cfg.engine.gradient_accumulation_steps)
-    engine = build_trained_model(cfg.model, cfg.engine, tokenizer, head="score",
+    total_steps = total_optimizer_steps(len(data.train), cfg.train, cfg.optim.gradient_accumulation_steps)
+    engine = build_trained_model(cfg.model, cfg.optim, cfg.engine, tokenizer, head="score",
                                  micro_batch_size=cfg.train.per_device_train_batch_size, total_steps=total_steps)
     save_config(cfg, cfg.train.output_dir)
-    metrics = trainer.train(engine, data, PairCollator(tokenizer), cfg, logger)
+    metrics = trainer.train(engine, data, PairCollator(tokenizer), cfg, logger, total_steps)
     engine.save_pretrained(cfg.train.output_dir, tokenizer, keep_lora_adapter=cfg.model.keep_lora_adapter)
     logger.close()
     print0(f"step 2 done: {metrics}; model saved to {cfg.train.output_dir}")

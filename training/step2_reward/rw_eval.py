@@ -9,7 +9,7 @@ Input records are {"prompt": ..., "answers": [...]} or any preference layout the
 ({"prompt", "chosen", "rejected"}, HH-RLHF transcripts, ...); for pairs the pairwise accuracy is printed too.
 A prompt is a user message, a "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript or a list of chat messages. Each
 answer is rendered exactly as in training (chatrlhf.training.data.render: prompt + answer + EOS) and scored at its
-last token (chatrlhf.training.value_model). `score_texts` is the function to import.
+last token (chatrlhf.training.value_model). Import `score_texts` from chatrlhf.training.reward_model.
 """
 from __future__ import annotations
 
@@ -19,15 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
+from chatrlhf.training.data.messages import as_messages
+from chatrlhf.training.reward_model import load_reward_model, score_texts
 
-from chatrlhf.training.data.collate import pad
-from chatrlhf.training.data.formats import parse_transcript, user
-from chatrlhf.training.data.render import encode_prompt, encode_responses
-from chatrlhf.training.data.tokenize import budget
-from chatrlhf.training.value_model import end_scores, token_values
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,86 +50,6 @@ class RwEvalConfig:
             raise ValueError("give either --prompt with --answers, or --input_file")
         if self.prompt is not None and not self.answers:
             raise ValueError("--prompt needs at least one answer in --answers")
-
-
-def as_messages(prompt) -> list[dict]:
-    """A prompt given as a user string, a Human/Assistant transcript, or chat messages -> chat messages."""
-    if isinstance(prompt, list):
-        if not prompt or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                 and isinstance(m.get("content"), str) for m in prompt):
-            raise ValueError("a prompt given as a list must hold {'role': str, 'content': str} messages")
-        return prompt
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"a prompt must be a non-empty string or a list of messages, got {prompt!r}")
-    if prompt.lstrip(" ").startswith(("\n\nHuman:", "Human:")):
-        msgs = parse_transcript(prompt)  # a trailing empty "Assistant:" is dropped
-        if not msgs or msgs[-1]["role"] != "user":
-            raise ValueError("a prompt transcript must end with a Human turn (give the answers separately)")
-        return msgs
-    return [user(prompt)]
-
-
-def encode_answers(tokenizer, prompt, answers: list[str], max_seq_len: int) -> tuple[list[list[int]], int]:
-    """(token ids of prompt + answer + EOS for each answer, how many were truncated), as in training."""
-    p = encode_prompt(tokenizer, as_messages(prompt))
-    out, truncated = [], 0
-    for r in encode_responses(tokenizer, answers):
-        kp, kr = budget(len(p), len(r), max_seq_len, max_seq_len)
-        truncated += kp < len(p) or kr < len(r)
-        out.append(p[len(p) - kp:] + r[:kr])
-    return out, truncated
-
-
-@torch.no_grad()
-def score_ids(model, rows: list[list[int]], pad_id: int, batch_size: int = 8) -> list[float]:
-    """Token-id rows -> their end scores, right-padded in batches of `batch_size`."""
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    for i in range(0, len(rows), batch_size):
-        input_ids, attention_mask = pad(rows[i:i + batch_size], pad_id, "right")
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        scores += end_scores(token_values(model, input_ids, attention_mask), attention_mask).float().tolist()
-    return scores
-
-
-def score_texts(model, tokenizer, prompt, answers: list[str], max_seq_len: int = 2048,
-                batch_size: int = 8) -> list[float]:
-    """The reward model's score of each answer to `prompt` (a string or chat messages), in order.
-
-    Rendering and scoring are those of training: prompt + answer + EOS, scored at the last token.
-    """
-    rows, truncated = encode_answers(tokenizer, prompt, list(answers), max_seq_len)
-    if truncated:
-        logger.warning("%d of %d answers were longer than max_seq_len=%d and were truncated", truncated, len(rows),
-                       max_seq_len)
-    was_training = model.training
-    model.eval()  # no dropout noise in scores; the caller's mode is restored
-    try:
-        return score_ids(model, rows, tokenizer.pad_token_id, batch_size)
-    finally:
-        model.train(was_training)
-
-
-def load_reward_model(name_or_path: str, dtype: str = "fp32"):
-    """(model in eval mode on this machine's accelerator, tokenizer) of a saved reward model."""
-    from transformers import AutoModelForSequenceClassification
-
-    from chatrlhf.utils.distributed import device
-    from chatrlhf.utils.models import load_tokenizer
-    from chatrlhf.utils.smollm2 import resolve_model_path
-
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    tokenizer = load_tokenizer(name_or_path)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(name_or_path), num_labels=1, dtype=dtypes[dtype], output_loading_info=True)
-    if any(k.startswith("score.") for k in info["missing_keys"]):
-        raise ValueError(f"{name_or_path} has no trained score head (is it a step-2 output?); "
-                         "its scores would be random")
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise ValueError(f"{name_or_path}: the tokenizer has {len(tokenizer)} tokens but the model only "
-                         f"{model.get_input_embeddings().num_embeddings} embeddings; save them together")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device()).eval(), tokenizer
 
 
 def read_inputs(path: str) -> list[dict]:

@@ -1,9 +1,10 @@
-"""Step 2 loss and evaluation; the loop itself is `chatrlhf.training.loop.fit`, shared with step 1."""
+"""Step 2: the reward-model loss, its evaluation, and the training run (the loop skeleton is
+`chatrlhf.training.loop.fit`)."""
 from __future__ import annotations
 
 import torch
 
-from chatrlhf.training.loop import eval_loader, fit
+from chatrlhf.training.loop import eval_loader, fit_supervised
 from chatrlhf.training.step2_reward.loss import pairwise_accuracy, pairwise_loss, pairwise_losses
 from chatrlhf.training.value_model import end_scores, token_values
 from chatrlhf.utils import distributed as dist
@@ -56,11 +57,12 @@ def evaluate(engine, dataset, collate_fn, batch_size: int, max_batches: int, mar
             "eval/margin": (chosen_sum - rejected_sum) / n, "eval/loss": loss_sum / n, "eval/pairs": int(n)}
 
 
-def train(engine, data, collate_fn, cfg, logger) -> dict:
-    margin, center = cfg.margin, cfg.center_coef
-    return fit(engine, data.train, collate_fn, cfg.train,
-               loss_fn=lambda e, b: reward_loss(e, b, margin, center),
-               evaluate=lambda e: evaluate(e, data.eval, collate_fn, cfg.train.per_device_eval_batch_size,
-                                           cfg.train.eval_iters, margin, center),
-               gradient_accumulation_steps=cfg.engine.gradient_accumulation_steps, logger=logger,
-               desc="step 2 reward model", config=cfg)
+def train(engine, data, collate_fn, cfg, logger, total_steps: int) -> dict:
+    """Trains `engine` for `total_steps` optimizer steps; returns the final evaluation metrics."""
+    margin, center, run = cfg.margin, cfg.center_coef, cfg.train
+    return fit_supervised(
+        engine, data.train, collate_fn, run, total_steps=total_steps,
+        loss_fn=lambda e, b: reward_loss(e, b, margin, center),
+        evaluate=lambda: evaluate(engine, data.eval, collate_fn, run.per_device_eval_batch_size, run.eval_iters,
+                                  margin, center),
+        logger=logger, desc="step 2 reward model", config=cfg)

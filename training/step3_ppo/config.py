@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from chatrlhf.training.config import DataArgs, EngineArgs, GenerationArgs, ModelArgs, RunArgs
+from chatrlhf.training.config import (OPTIM_SHARED, DataArgs, DSChatArgs, EngineArgs, GenerationArgs, ModelArgs,
+                                      OptimArgs, RunArgs)
+from chatrlhf.training.step3_ppo import core
 from chatrlhf.utils.config import group
 
 
@@ -45,9 +47,9 @@ class PPOArgs:
     missing_eos_penalty: Optional[float] = None
     """If set, answers that hit --max_answer_seq_len without EOS get this score instead of the reward model's."""
     advantage_estimator: str = "gae"
-    """Name in chatrlhf.training.step3_ppo.core.ADVANTAGE_ESTIMATORS."""
+    """A registered advantage estimator (chatrlhf.training.step3_ppo.core.ADVANTAGE_ESTIMATORS): gae."""
     policy_loss: str = "clip"
-    """Name in chatrlhf.training.step3_ppo.core.POLICY_LOSSES."""
+    """A registered policy loss (chatrlhf.training.step3_ppo.core.POLICY_LOSSES): clip."""
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
     """How per-token losses are averaged."""
     enable_ema: bool = False
@@ -67,6 +69,10 @@ class PPOArgs:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
             raise ValueError("--gamma and --lam must be in [0, 1]")
+        # Checked here, at parse time, not as a KeyError after every model is loaded.
+        for flag, registry in (("advantage_estimator", core.ADVANTAGE_ESTIMATORS), ("policy_loss", core.POLICY_LOSSES)):
+            if getattr(self, flag) not in registry:
+                raise ValueError(f"--{flag} {getattr(self, flag)!r} is not registered; accepted: {sorted(registry)}")
 
 
 @dataclass
@@ -103,14 +109,17 @@ class HybridEngineArgs:
 class PPOConfig:
     """Step 3: PPO of the step-1 actor against the step-2 reward model, with a critic."""
 
-    actor: ModelArgs = group(ModelArgs, prefix="actor_", learning_rate=9.65e-6)
-    critic: ModelArgs = group(ModelArgs, prefix="critic_", learning_rate=5e-6)
-    engine: EngineArgs = group(EngineArgs, num_warmup_steps=0)
+    actor: ModelArgs = group(ModelArgs, prefix="actor_")
+    critic: ModelArgs = group(ModelArgs, prefix="critic_")
+    actor_optim: OptimArgs = group(OptimArgs, prefix="actor_", shared=OPTIM_SHARED, learning_rate=9.65e-6)
+    critic_optim: OptimArgs = group(OptimArgs, prefix="critic_", shared=OPTIM_SHARED, learning_rate=5e-6)
+    engine: EngineArgs = group(EngineArgs)
     data: DataArgs = group(DataArgs)
     run: RunArgs = group(RunArgs, output_dir="output/step3_ppo")
     generation: GenerationArgs = group(GenerationArgs)
     ppo: PPOArgs = group(PPOArgs)
     hybrid: HybridEngineArgs = group(HybridEngineArgs)
+    dschat: DSChatArgs = group(DSChatArgs)
     reward_model_name_or_path: Optional[str] = None
     """The frozen reward model (default: the critic's starting point, as in DeepSpeed-Chat)."""
     reward_function: Optional[str] = None
@@ -123,8 +132,6 @@ class PPOConfig:
     """Prompts per rank per generation call."""
     per_device_training_batch_size: int = 8
     """PPO minibatch per rank (sequences)."""
-    per_device_eval_batch_size: int = 8
-    """Prompts per rank per evaluation batch."""
     max_prompt_seq_len: int = 256
     """Prompt tokens kept (longer prompts lose their start; see --overlength)."""
     max_answer_seq_len: int = 256
@@ -133,22 +140,14 @@ class PPOConfig:
     """Keep the reference model's parameters in CPU memory (ZeRO-3 offload)."""
     offload_reward_model: bool = False
     """Keep the reward model's parameters in CPU memory (ZeRO-3 offload)."""
-    num_padding_at_beginning: int = 1
-    """Accepted for DeepSpeed-Chat compatibility and ignored: scores are read at the last attended token."""
     print_answers: bool = False
     """Print a prompt and its answer with its score every --print_answers_interval steps."""
     print_answers_interval: int = 1
     """Steps between printed answers."""
-    align_overflow: bool = False
-    """Accepted for DeepSpeed-Chat compatibility; fp16 overflow handling is DeepSpeed's own (prefer bf16)."""
-    enable_mixed_precision_lora: bool = False
-    """DeepSpeed-Chat's MixZ++ quantised frozen weights: not supported."""
 
     def __post_init__(self):
         if self.max_answer_seq_len < 1 or self.max_prompt_seq_len < 1:
             raise ValueError("--max_prompt_seq_len and --max_answer_seq_len must be at least 1")
-        if self.enable_mixed_precision_lora:
-            raise ValueError("--enable_mixed_precision_lora (MixZ++) is not supported")
         if self.per_device_generation_batch_size * self.ppo.generation_batches % self.per_device_training_batch_size:
             raise ValueError("--per_device_generation_batch_size x --generation_batches must be a multiple of "
                              "--per_device_training_batch_size")

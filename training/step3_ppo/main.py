@@ -14,33 +14,17 @@ import math
 from pathlib import Path
 
 from chatrlhf.training.builders import build_frozen_model, build_trained_model, start_run
-from chatrlhf.training.data.collate import PromptCollator
-from chatrlhf.training.data.pipeline import load_phase_data
-from chatrlhf.training.loop import eval_loader, train_loader
+from chatrlhf.training.loop import eval_loader
 from chatrlhf.training.step3_ppo import trainer
 from chatrlhf.training.step3_ppo.config import PPOConfig
+from chatrlhf.training.step3_ppo.data import PromptCollator, prompt_data
 from chatrlhf.training.step3_ppo.ema import ActorEMA
 from chatrlhf.training.step3_ppo.ptx import ptx_batches
-from chatrlhf.training.step3_ppo.rewards import load_reward_function
+from chatrlhf.training.step3_ppo.rewards import FunctionReward, ModelReward, load_reward_function, same_tokens
 from chatrlhf.utils import distributed as dist
 from chatrlhf.utils.config import parse_config, save_config
 from chatrlhf.utils.logging import print0
 from chatrlhf.utils.models import load_tokenizer
-
-
-def same_tokens(a, b) -> bool:
-    """True when two tokenizers map text to the same ids with the same rendering, so ids can be shared."""
-    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
-            and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))
-
-
-def prompt_data(cfg: PPOConfig, tokenizer):
-    """Step 3's training and held-out prompts (the report's sample prompts come from here too)."""
-    return load_phase_data(cfg.data.data_path, phase=3, tokenizer=tokenizer, data_split=cfg.data.data_split,
-                           seed=cfg.run.seed, cache_dir=cfg.data.data_output_path,
-                           max_prompt_len=cfg.max_prompt_seq_len, overlength=cfg.data.overlength,
-                           skip_malformed=cfg.data.skip_malformed, eval_fraction=cfg.data.eval_fraction,
-                           data_format=cfg.data.data_format)
 
 
 def run(cfg: PPOConfig, reward_fn=None) -> dict:
@@ -73,33 +57,32 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
     if cfg.run.max_steps > 0:
         total_steps = min(total_steps, cfg.run.max_steps)
     optimizer_steps = total_steps * math.ceil(gen_bs * p.generation_batches / train_bs) * p.ppo_epochs
-    optimizer_steps //= cfg.engine.gradient_accumulation_steps
+    optimizer_steps //= cfg.actor_optim.gradient_accumulation_steps
     print0(f"step 3: {len(data.train)} training and {len(data.eval)} eval prompts; {total_steps} PPO steps")
 
-    actor = build_trained_model(cfg.actor, cfg.engine, tokenizer, head="causal_lm", micro_batch_size=train_bs,
-                                total_steps=optimizer_steps)
-    critic = build_trained_model(cfg.critic, cfg.engine, tokenizer, head="score", micro_batch_size=train_bs,
-                                 total_steps=optimizer_steps)
+    actor = build_trained_model(cfg.actor, cfg.actor_optim, cfg.engine, tokenizer, head="causal_lm",
+                                micro_batch_size=train_bs, total_steps=optimizer_steps)
+    critic = build_trained_model(cfg.critic, cfg.critic_optim, cfg.engine, tokenizer, head="score",
+                                 micro_batch_size=train_bs, total_steps=optimizer_steps)
     # With LoRA and a frozen base, the reference is the actor with its adapters off: no second copy.
     shared_ref = cfg.actor.lora_dim > 0 and cfg.engine.only_optimize_lora and not cfg.reference_model_name_or_path
     frozen_stage = lambda stage: 3 if stage == 3 else 0  # noqa: E731  ZeRO 1-2 shard optimizer state only
     ref = None if shared_ref else build_frozen_model(
         cfg.reference_model_name_or_path or actor_path, tokenizer, head="causal_lm",
         zero_stage=frozen_stage(cfg.actor.zero_stage), dtype=cfg.engine.dtype, offload=cfg.offload_reference_model)
-    reward = reward_fn or build_frozen_model(reward_path, reward_tokenizer or tokenizer, head="score",
-                                zero_stage=frozen_stage(cfg.critic.zero_stage), dtype=cfg.engine.dtype,
-                                offload=cfg.offload_reward_model)
+    reward = FunctionReward(reward_fn) if reward_fn is not None else ModelReward(build_frozen_model(
+        reward_path, reward_tokenizer or tokenizer, head="score", zero_stage=frozen_stage(cfg.critic.zero_stage),
+        dtype=cfg.engine.dtype, offload=cfg.offload_reward_model), reward_tokenizer)
     models = trainer.Models(actor=actor, critic=critic, ref=ref, reward=reward, tokenizer=tokenizer,
-                            reward_tokenizer=reward_tokenizer, ema=ActorEMA(actor, p.ema_beta) if p.enable_ema else None)
+                            ema=ActorEMA(actor, p.ema_beta) if p.enable_ema else None)
     ptx = None
     if p.unsupervised_dataset_name:
         ptx = ptx_batches(p.unsupervised_dataset_name, p.unsupervised_dataset_config_name, tokenizer,
                           cfg.max_prompt_seq_len + cfg.max_answer_seq_len, train_bs, cfg.run.seed + dist.get_rank())
 
     save_config(cfg, cfg.run.output_dir)
-    metrics = trainer.train(
-        models, lambda epoch, skip: train_loader(data.train, gen_bs, collate, cfg.run.seed, epoch, skip),
-        eval_loader(data.eval, cfg.per_device_eval_batch_size, collate), cfg, logger, total_steps, ptx)
+    metrics = trainer.train(models, data.train, eval_loader(data.eval, cfg.run.per_device_eval_batch_size, collate), cfg,
+                            logger, total_steps, ptx)
 
     out = Path(cfg.run.output_dir)
     actor.save_pretrained(out / "actor", tokenizer, keep_lora_adapter=cfg.actor.keep_lora_adapter)

@@ -1,15 +1,93 @@
-"""Rewards other than a reward model: any callable `(prompts: list[str], responses: list[str]) -> scores`.
+"""What scores a rollout: one interface, `Reward`, over a reward model (`ModelReward`) or a function of texts
+(`FunctionReward`), so the trainer makes one call whatever the source of its scores.
 
-Pass one with `--reward_function package.module:callable` (or `run(cfg, reward_fn=...)`); it replaces the reward
-model and is called with the decoded prompt and answer texts of a rollout. A few examples live here.
+A reward function is any callable `(prompts: list[str], responses: list[str]) -> scores`; pass one with
+`--reward_function package.module:callable` (or `run(cfg, reward_fn=...)`). A few examples live here.
 """
 from __future__ import annotations
 
 import importlib
 import re
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
+
+from chatrlhf.training.data.collate import pad
+from chatrlhf.training.data.render import encode_prompt, encode_response
+from chatrlhf.training.value_model import end_scores, token_values
+
+
+@dataclass
+class RewardInputs:
+    """One generation batch, as every kind of reward may need it. Shapes: B rows, P prompt, R response tokens."""
+    sequences: torch.Tensor        # (B, P+R) left-padded prompt + right-padded response, the actor's tokens
+    attention_mask: torch.Tensor   # (B, P+R)
+    action_mask: torch.Tensor      # (B, R) 1 on response tokens up to and including the first EOS
+    has_eos: torch.Tensor          # (B,) bool
+    prompt_len: int                # P
+    prompt_messages: list | None   # each prompt's chat messages (the data pipeline's), for re-rendering
+    tokenizer: object              # the actor's
+
+
+class Reward(Protocol):
+    def __call__(self, batch: RewardInputs) -> torch.Tensor:
+        """-> scores (B,) fp32 on the batch's device."""
+
+
+class ModelReward:
+    """A frozen reward model (HybridEngine) scoring each sequence at its last real token. When its tokenizer
+    renders differently from the actor's (`tokenizer` given), the conversations are re-rendered in its own tokens."""
+
+    def __init__(self, engine, tokenizer=None):
+        self.engine, self.tokenizer = engine, tokenizer
+
+    def __call__(self, batch: RewardInputs) -> torch.Tensor:
+        ids, mask = batch.sequences, batch.attention_mask
+        if self.tokenizer is not None:
+            ids, mask = retokenize_for_reward(batch.prompt_messages, batch.sequences[:, batch.prompt_len:],
+                                              batch.action_mask, batch.has_eos, batch.tokenizer, self.tokenizer,
+                                              batch.sequences.device)
+        with torch.no_grad():
+            return end_scores(token_values(self.engine, ids, mask), mask).float()
+
+
+class FunctionReward:
+    """A reward function over the decoded prompt and answer texts of a batch."""
+
+    def __init__(self, fn: "RewardFn"):
+        self.fn = fn
+
+    def __call__(self, batch: RewardInputs) -> torch.Tensor:
+        prompts, responses = decode(batch.tokenizer, batch.sequences, batch.prompt_len, batch.action_mask)
+        return as_scores(self.fn(prompts, responses), batch.sequences.size(0), batch.sequences.device)
+
+
+def same_tokens(a, b) -> bool:
+    """True when two tokenizers map text to the same ids with the same rendering, so ids can be shared."""
+    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+            and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))
+
+
+def decode(tokenizer, sequences, prompt_len: int, action_mask) -> tuple[list[str], list[str]]:
+    """(prompt texts, response texts up to their EOS) of a batch."""
+    prompts = tokenizer.batch_decode(sequences[:, :prompt_len], skip_special_tokens=True)
+    responses = [tokenizer.decode(row[:int(n)], skip_special_tokens=True)
+                 for row, n in zip(sequences[:, prompt_len:], action_mask.sum(1))]
+    return prompts, responses
+
+
+def retokenize_for_reward(prompt_messages: list, responses: torch.Tensor, action_mask: torch.Tensor,
+                          has_eos: torch.Tensor, actor_tokenizer, reward_tokenizer, device):
+    """The same conversations in the reward model's own tokens and chat template (its tokenizer differs)."""
+    rows = []
+    for messages, ids, mask, eos in zip(prompt_messages, responses, action_mask, has_eos):
+        n = int(mask.sum()) - int(eos)  # response tokens without the closing EOS
+        text = actor_tokenizer.decode(ids[:n], skip_special_tokens=True)
+        answer = encode_response(reward_tokenizer, text)
+        rows.append(encode_prompt(reward_tokenizer, messages) + (answer if eos else answer[:-1]))
+    ids, mask = pad(rows, reward_tokenizer.pad_token_id, "right")
+    return ids.to(device), mask.to(device)
 
 
 class RewardFn(Protocol):

@@ -11,11 +11,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from chatrlhf.training.data.collate import pad
-from chatrlhf.training.data.render import encode_prompt, encode_response
 from chatrlhf.training.step3_ppo import core
-from chatrlhf.training.step3_ppo.rewards import as_scores
-from chatrlhf.training.value_model import end_scores, position_ids, token_values, unwrap
+from chatrlhf.training.value_model import position_ids, token_values, unwrap
 
 
 @dataclass
@@ -112,9 +109,9 @@ def generate(actor, prompts: torch.Tensor, prompt_mask: torch.Tensor, *, tokeniz
 
 
 @torch.no_grad()
-def score(actor, ref, critic, reward, sequences, prompt_mask, action_mask, *, temperature: float,
-          reward_inputs=None, ref_is_actor_without_adapters: bool = False) -> dict:
-    """Log-probs (actor, reference), values (critic) and scores (reward model), all in eval mode."""
+def score(actor, ref, critic, sequences, prompt_mask, action_mask, *, temperature: float,
+          ref_is_actor_without_adapters: bool = False) -> dict:
+    """Log-probs (actor, reference) and values (critic), all in eval mode."""
     P = prompt_mask.size(1)
     attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
     responses = sequences[:, P:]
@@ -128,23 +125,4 @@ def score(actor, ref, critic, reward, sequences, prompt_mask, action_mask, *, te
         ref_logits = response_logits(ref, sequences, attention_mask, P)
     ref_logprobs = core.logprobs_from_logits(ref_logits, responses, temperature)
     values = response_values(critic, sequences, attention_mask, P)
-    if callable(reward) and not hasattr(reward, "engine"):  # a reward function over texts
-        scores = as_scores(reward(*reward_inputs), sequences.size(0), sequences.device)
-    else:
-        ids, mask = reward_inputs if reward_inputs is not None else (sequences, attention_mask)
-        scores = end_scores(token_values(reward, ids, mask), mask).float()
-    return dict(attention_mask=attention_mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-                scores=scores)
-
-
-def retokenize_for_reward(prompt_messages: list, responses: torch.Tensor, action_mask: torch.Tensor,
-                          has_eos: torch.Tensor, actor_tokenizer, reward_tokenizer, device):
-    """The same conversations in the reward model's own tokens and chat template (its tokenizer differs)."""
-    rows = []
-    for messages, ids, mask, eos in zip(prompt_messages, responses, action_mask, has_eos):
-        n = int(mask.sum()) - int(eos)  # response tokens without the closing EOS
-        text = actor_tokenizer.decode(ids[:n], skip_special_tokens=True)
-        answer = encode_response(reward_tokenizer, text)
-        rows.append(encode_prompt(reward_tokenizer, messages) + (answer if eos else answer[:-1]))
-    ids, mask = pad(rows, reward_tokenizer.pad_token_id, "right")
-    return ids.to(device), mask.to(device)
+    return dict(attention_mask=attention_mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values)

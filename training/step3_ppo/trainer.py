@@ -6,37 +6,30 @@ Each stage is a short function; the math lives in `core.py`. Every rank keeps ev
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from chatrlhf.training import checkpoint
+from chatrlhf.training.hybrid_engine import HybridEngine
+from chatrlhf.training.loop import RunState, batch_stream, fit
 from chatrlhf.training.step3_ppo import core
-from chatrlhf.training.step3_ppo.rollout import (Rollout, concat, generate, response_logits, response_values,
-                                                 retokenize_for_reward, score)
+from chatrlhf.training.step3_ppo.data import PromptCollator
+from chatrlhf.training.step3_ppo.ema import ActorEMA
+from chatrlhf.training.step3_ppo.rewards import Reward, RewardInputs
+from chatrlhf.training.step3_ppo.rollout import Rollout, concat, generate, response_logits, response_values, score
 from chatrlhf.utils import distributed as dist
-from chatrlhf.utils.logging import print0, progress
+from chatrlhf.utils.logging import print0
 
 
 @dataclass
 class Models:
-    actor: object                   # HybridEngine, trainable, generates
-    critic: object                  # HybridEngine, trainable
-    ref: object | None              # frozen HybridEngine; None: the actor with its LoRA adapters disabled
-    reward: object                  # frozen HybridEngine, or a RewardFn (prompts, responses) -> scores
-    tokenizer: object               # the actor's (and critic's)
-    reward_tokenizer: object | None  # set when the reward model tokenizes differently
-    ema: object | None = None       # EMA of the actor's weights
-
-
-@dataclass
-class PPOState:
-    step: int = 0            # PPO iterations done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # prompt batches of `epoch` consumed
-    kl_coef: float = 0.0
-    score_moments: dict | None = None
-    ptx_batches: int = 0     # pretraining-mix batches consumed
+    """Every model step 3 runs."""
+    actor: HybridEngine             # trainable, generates
+    critic: HybridEngine            # trainable
+    ref: HybridEngine | None        # frozen; None: the actor with its LoRA adapters disabled
+    reward: Reward                  # a reward model or a reward function, behind one call
+    tokenizer: "PreTrainedTokenizerBase"  # noqa: F821  the actor's (and critic's)
+    ema: ActorEMA | None = None     # EMA of the actor's weights
 
 
 # ---- 1-2. rollout and scoring ---------------------------------------------------------------------------
@@ -49,15 +42,11 @@ def make_rollout(models: Models, batch: dict, cfg, timings: dict | None = None) 
         actor, prompts, prompt_mask, tokenizer=models.tokenizer, sampling=cfg.generation.sampling(),
         max_new_tokens=cfg.max_answer_seq_len, **cfg.hybrid.generation_mode())
     t1 = time.time()
-    reward_inputs = None
-    if callable(models.reward) and not hasattr(models.reward, "engine"):
-        reward_inputs = _texts(models.tokenizer, sequences, prompts.size(1), action_mask)
-    elif models.reward_tokenizer is not None:
-        reward_inputs = retokenize_for_reward(batch["prompt_messages"], sequences[:, prompts.size(1):], action_mask,
-                                              has_eos, models.tokenizer, models.reward_tokenizer, dev)
-    out = score(actor, models.ref, models.critic, models.reward, sequences, prompt_mask, action_mask,
-                temperature=cfg.generation.temperature, reward_inputs=reward_inputs,
-                ref_is_actor_without_adapters=models.ref is None)
+    out = score(actor, models.ref, models.critic, sequences, prompt_mask, action_mask,
+                temperature=cfg.generation.temperature, ref_is_actor_without_adapters=models.ref is None)
+    out["scores"] = models.reward(RewardInputs(
+        sequences=sequences, attention_mask=out["attention_mask"], action_mask=action_mask, has_eos=has_eos,
+        prompt_len=prompts.size(1), prompt_messages=batch.get("prompt_messages"), tokenizer=models.tokenizer))
     if cfg.ppo.missing_eos_penalty is not None:
         out["scores"] = torch.where(has_eos, out["scores"], torch.full_like(out["scores"], cfg.ppo.missing_eos_penalty))
     if timings is not None:
@@ -67,13 +56,6 @@ def make_rollout(models: Models, batch: dict, cfg, timings: dict | None = None) 
 
 
 # ---- 3-4. reward shaping and advantages -----------------------------------------------------------------
-def _texts(tokenizer, sequences, P: int, action_mask) -> tuple[list[str], list[str]]:
-    prompts = tokenizer.batch_decode(sequences[:, :P], skip_special_tokens=True)
-    responses = [tokenizer.decode(row[:int(n)], skip_special_tokens=True)
-                 for row, n in zip(sequences[:, P:], action_mask.sum(1))]
-    return prompts, responses
-
-
 def shape_and_estimate(r: Rollout, cfg, kl_coef: float, moments: core.RunningMoments | None) -> dict:
     """Fills r.rewards, r.advantages, r.returns; returns the rollout's objective metrics."""
     p = cfg.ppo
@@ -165,87 +147,70 @@ def evaluate(models: Models, loader, cfg, max_batches: int) -> dict:
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
-def train(models: Models, prompt_loader_for, eval_loader, cfg, logger, total_steps: int, ptx_batches=None) -> dict:
-    """prompt_loader_for(epoch, skip_batches) -> this rank's prompt batches of `epoch`."""
+def train(models: Models, prompts, eval_loader, cfg, logger, total_steps: int, ptx_batches=None) -> dict:
+    """PPO on `prompts` (the training prompt Dataset) for `total_steps` iterations; returns the final evaluation.
+
+    One step: rollouts from --generation_batches prompt batches, KL-shaped rewards and advantages, PPO epochs,
+    the KL controller; `fit` does the cadence (log, evaluate, checkpoint, resume)."""
     p, run = cfg.ppo, cfg.run
     kl_ctl = (core.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
               else core.FixedKLController(p.kl_coef))
     moments = core.RunningMoments() if p.normalize_scores else None
-    state = PPOState(kl_coef=kl_ctl.value)
-    engines = {"actor": models.actor, "critic": models.critic}
-    resumed = checkpoint.latest(run.output_dir) if run.resume else None
-    if resumed is not None:
-        state = PPOState(**checkpoint.load(resumed, engines))
-        kl_ctl.value = state.kl_coef
-        if moments is not None and state.score_moments:
-            moments.load_state_dict(state.score_moments)
-        if models.ema is not None:
-            models.ema.load(resumed)
-        print0(f"resumed from {resumed} at PPO step {state.step}")
-    else:
-        logger.log(0, evaluate(models, eval_loader, cfg, run.eval_iters))
+    state = RunState(extra={"kl_coef": kl_ctl.value, "score_moments": None, "ptx_batches": 0})
+    batches = batch_stream(prompts, cfg.per_device_generation_batch_size, PromptCollator(models.tokenizer), run.seed,
+                           state, run.num_train_epochs, group=p.generation_batches)
     if ptx_batches is not None:
         ptx_batches = _counted(ptx_batches, state)
 
-    bar = progress(total_steps, "step 3 PPO", initial=state.step)
-    while state.step < total_steps:
-        loader = iter(prompt_loader_for(state.epoch, state.batch_in_epoch))
-        while state.step < total_steps:
-            # 1-2. rollouts from `generation_batches` prompt batches, scored in eval mode
-            batches = [b for _, b in zip(range(p.generation_batches), loader)]
-            if len(batches) < p.generation_batches:
-                break  # epoch exhausted
-            state.batch_in_epoch += len(batches)
-            timings: dict = {}
-            r = concat([make_rollout(models, b, cfg, timings) for b in batches], models.tokenizer.pad_token_id)
-            t1 = time.time()
-            # 3-4. KL-shaped rewards, advantages
-            metrics = shape_and_estimate(r, cfg, kl_ctl.value, moments)
-            # 5. PPO epochs
-            metrics.update(ppo_update(models, r, cfg, ptx_batches))
-            t2 = time.time()
-            # 6. KL controller, logging, answers, checkpoint
-            kl_now = dist.all_reduce_mean(metrics["objective/kl"].detach().float().to(dist.device())).item()
-            kl_ctl.update(kl_now, r.sequences.size(0) * dist.get_world_size())
-            state.step += 1
-            state.kl_coef = kl_ctl.value
-            generated = dist.all_reduce_sum(r.action_mask.sum().to(dist.device())).item()
-            t_total = timings["generation"] + timings["scoring"] + t2 - t1
-            metrics.update({"time/generation": timings["generation"], "time/scoring": timings["scoring"],
-                            "time/training": t2 - t1, "time/step": t_total,
-                            "throughput/generated_tokens_per_second": generated / max(timings["generation"], 1e-9),
-                            "throughput/tokens_per_second": generated / max(t_total, 1e-9)})
-            metrics = {k: dist.all_reduce_mean(torch.as_tensor(v, dtype=torch.float64).to(dist.device())).item()
-                       for k, v in metrics.items()}
-            if state.step % run.log_interval == 0 or state.step == total_steps:
-                logger.log(state.step, metrics)
-            bar.update(1)
-            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-            if cfg.print_answers and state.step % cfg.print_answers_interval == 0:
-                _print_answer(r, models.tokenizer)
-            if run.eval_interval and state.step % run.eval_interval == 0 and state.step < total_steps:
-                logger.log(state.step, evaluate(models, eval_loader, cfg, run.eval_iters))
-            if run.save_interval and state.step % run.save_interval == 0 and state.step < total_steps:
-                state.score_moments = moments.state_dict() if moments is not None else None
-                path = checkpoint.save(run.output_dir, state.step, engines, asdict(state), keep=run.save_total_limit,
-                                       config=cfg)
-                if models.ema is not None:
-                    models.ema.save(path)
-        else:
-            break
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    bar.close()
-    final = evaluate(models, eval_loader, cfg, run.eval_iters)
-    logger.log(state.step, final)
-    return final
+    def train_step() -> dict | None:
+        group = next(batches, None)
+        if group is None:
+            return None
+        # 1-2. rollouts scored in eval mode
+        timings: dict = {}
+        r = concat([make_rollout(models, b, cfg, timings) for b in group], models.tokenizer.pad_token_id)
+        t1 = time.time()
+        # 3-4. KL-shaped rewards, advantages
+        metrics = shape_and_estimate(r, cfg, kl_ctl.value, moments)
+        # 5. PPO epochs
+        metrics.update(ppo_update(models, r, cfg, ptx_batches))
+        t2 = time.time()
+        # 6. KL controller, step metrics (the mean over ranks), answers
+        kl_now = dist.all_reduce_mean(metrics["objective/kl"].detach().float().to(dist.device())).item()
+        kl_ctl.update(kl_now, r.sequences.size(0) * dist.get_world_size())
+        state.extra.update(kl_coef=kl_ctl.value, score_moments=moments.state_dict() if moments is not None else None)
+        generated = dist.all_reduce_sum(r.action_mask.sum().to(dist.device())).item()
+        t_total = timings["generation"] + timings["scoring"] + t2 - t1
+        metrics.update({"time/generation": timings["generation"], "time/scoring": timings["scoring"],
+                        "time/training": t2 - t1, "time/step": t_total,
+                        "throughput/generated_tokens_per_second": generated / max(timings["generation"], 1e-9),
+                        "throughput/tokens_per_second": generated / max(t_total, 1e-9)})
+        metrics = {k: dist.all_reduce_mean(torch.as_tensor(v, dtype=torch.float64).to(dist.device())).item()
+                   for k, v in metrics.items()}
+        if cfg.print_answers and (state.step + 1) % cfg.print_answers_interval == 0:
+            _print_answer(r, models.tokenizer)
+        return metrics
+
+    def on_resume(path):
+        kl_ctl.value = state.extra["kl_coef"]
+        if moments is not None and state.extra.get("score_moments"):
+            moments.load_state_dict(state.extra["score_moments"])
+        if models.ema is not None:
+            models.ema.load(path)
+
+    return fit(state=state, total_steps=total_steps, run=run, engines={"actor": models.actor, "critic": models.critic},
+               train_step=train_step, evaluate=lambda: evaluate(models, eval_loader, cfg, run.eval_iters),
+               logger=logger, desc="step 3 PPO", config=cfg, on_resume=on_resume,
+               on_save=models.ema.save if models.ema is not None else None,
+               postfix=lambda m: {"score": f"{m['objective/scores']:.3f}", "kl": f"{m['objective/kl']:.3f}"})
 
 
-def _counted(batches, state: PPOState):
+def _counted(batches, state: RunState):
     """The pretraining-mix stream moved past the batches a resumed run already used, and counted into `state`."""
-    for _ in range(state.ptx_batches):
+    for _ in range(state.extra["ptx_batches"]):
         next(batches)
     for batch in batches:
-        state.ptx_batches += 1
+        state.extra["ptx_batches"] += 1
         yield batch
 
 

@@ -61,10 +61,3 @@ def alpaca_path() -> Path:
         pytest.skip(f"real data not found at {ALPACA}")
     return ALPACA
 
-
-@pytest.fixture
-def pad_tokenizer(tokenizer):
-    """The session ChatML tokenizer, copied, with `<pad>` as its pad token."""
-    tok = copy.deepcopy(tokenizer)
-    tok.pad_token = "<pad>"
-    return tok

@@ -5,20 +5,21 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from chatrlhf.training.data import cache, tokenize
-from chatrlhf.training.data.pipeline import load_phase_data
+from chatrlhf.training.data.pipeline import load_data
+from chatrlhf.training.step1_sft.data import SFT_DATA
 
 
 @pytest.fixture
 def counted(monkeypatch):
     """Counts tokenisation calls (two per build: train and eval)."""
     calls = []
-    real = tokenize.tokenize_phase
+    real = tokenize.tokenize_step
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tokenize, "tokenize_phase", spy)
+    monkeypatch.setattr(tokenize, "tokenize_step", spy)
     return calls
 
 
@@ -28,7 +29,7 @@ def data_file(tmp_path, write, make_pairs):
 
 
 def load(path, tok, cache_dir, **kw):
-    return load_phase_data([str(path)], 1, tok, cache_dir=str(cache_dir), **kw)
+    return load_data([str(path)], SFT_DATA, tok, cache_dir=str(cache_dir), **kw)
 
 
 def test_second_call_loads_from_cache(tokenizer, data_file, tmp_path, counted):
@@ -113,7 +114,7 @@ def test_non_main_rank_builds_when_entry_is_missing(tmp_path, monkeypatch):
 
 
 def test_no_cache_dir_builds_in_memory(tokenizer, data_file, counted):
-    out = load_phase_data([str(data_file)], 1, tokenizer)
+    out = load_data([str(data_file)], SFT_DATA, tokenizer)
     assert out.stats["cache"] == "off" and out.stats["cache_path"] is None and len(counted) == 2
 
 

@@ -174,3 +174,43 @@ def test_skip_malformed_detects_on_the_first_usable_record():
         normalize(records, "x")
     columns, stats = normalize(records, "x", skip_malformed=True)
     assert stats == {"format": "alpaca", "records": 3, "skipped_malformed": 2} and columns["chosen"] == ["o"]
+
+
+def test_hints_name_the_flags():
+    with pytest.raises(DataFormatError, match=r"record 1: field 'chosen' is empty \(format prompt_chosen_rejected; "
+                                              r"pass --skip_malformed to skip such records\)$"):
+        normalize([{"prompt": "q", "chosen": "a"}, {"prompt": "q", "chosen": ""}], "x")
+    with pytest.raises(DataFormatError, match=r"record 0: keys \['a'\] match no data format .*pass --data_format"):
+        normalize([{"a": 1}], "x")
+
+
+def test_located_records_are_named_by_their_location_and_unreadable_ones_are_malformed(caplog):
+    from chatrlhf.training.data.formats import Located, Unreadable
+
+    def records():
+        return Located([("line 1", {"prompt": "q", "chosen": "a"}), ("line 2", Unreadable("invalid JSON (oops)")),
+                        ("line 4", {"prompt": "q", "chosen": ""})])
+
+    with pytest.raises(DataFormatError, match=r"^f\.jsonl: line 2: invalid JSON \(oops\) .*--skip_malformed"):
+        normalize(records(), "f.jsonl")
+    with caplog.at_level(logging.INFO):
+        columns, stats = normalize(records(), "f.jsonl", skip_malformed=True)
+    assert columns["chosen"] == ["a"] and stats == {"format": "prompt_chosen_rejected", "records": 3,
+                                                    "skipped_malformed": 2}
+    assert "skipping malformed line 2: invalid JSON (oops)" in caplog.text
+    assert "skipping malformed line 4: field 'chosen' is empty" in caplog.text
+    # An unreadable first record does not decide the format: the first usable one does.
+    columns, stats = normalize(Located([("line 1", Unreadable("invalid JSON")),
+                                        ("line 2", {"instruction": "i", "output": "o"})]), "f", skip_malformed=True)
+    assert stats["format"] == "alpaca" and columns["chosen"] == ["o"]
+
+
+def test_require_pairs_makes_a_missing_rejected_malformed():
+    records = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q2", "chosen": "a2"},
+               {"prompt": "q3", "chosen": "a3", "rejected": None}]
+    columns, _ = normalize(records, "p.jsonl")
+    assert columns["rejected"] == ["b", None, None]  # by default: single-response examples
+    with pytest.raises(DataFormatError, match=r"^p\.jsonl: record 1: missing field 'rejected' .*--skip_malformed"):
+        normalize(records, "p.jsonl", require_pairs=True)
+    columns, stats = normalize(records, "p.jsonl", skip_malformed=True, require_pairs=True)
+    assert columns["rejected"] == ["b"] and stats["skipped_malformed"] == 2

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -78,7 +80,7 @@ def test_malformed_record_in_file_names_file_and_record(tmp_path, write, make_pa
     records = make_pairs(5)
     records[3] = {"prompt": "q", "chosen": ""}
     path = write(tmp_path / "bad.jsonl.gz", records)
-    with pytest.raises(DataFormatError, match=rf"{path}: record 3: field 'chosen' is empty"):
+    with pytest.raises(DataFormatError, match=rf"{path}: line 4: field 'chosen' is empty"):  # 1-based lines
         load_source(str(path))
     src = load_source(str(path), skip_malformed=True)
     assert src.stats["skipped_malformed"] == 1 and len(src.train) + len(src.eval) == 4
@@ -108,7 +110,7 @@ def test_real_hh_rlhf_records(hh50):
 
 
 def test_real_hh_rlhf_full_file_has_known_malformed_records(hh_rlhf_path):
-    with pytest.raises(DataFormatError, match=rf"{hh_rlhf_path}: record 86: the chosen response is empty"):
+    with pytest.raises(DataFormatError, match=rf"{hh_rlhf_path}: line 87: the chosen response is empty"):
         load_source(str(hh_rlhf_path))
     src = load_source(str(hh_rlhf_path), skip_malformed=True)
     assert src.stats["skipped_malformed"] == 8 and len(src.train) + len(src.eval) == 1992
@@ -142,3 +144,122 @@ def test_hub_name_goes_to_load_dataset(monkeypatch, make_pairs):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     src = load_source("Dahoas/rm-static-like")
     assert asked == ["Dahoas/rm-static-like"] and (len(src.train), len(src.eval)) == (12, 3)
+
+
+# ------------------------------------------------------------------------------------------ data problems, named
+
+def test_non_json_lines_are_named_or_skipped_and_counted(tmp_path, caplog):
+    import json
+    import logging
+
+    good = [json.dumps({"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"}) for i in range(6)]
+    path = tmp_path / "x.jsonl"
+    path.write_text("\n".join([good[0], "{oops", "", good[1], good[2], "not json at all", good[3], good[4],
+                               good[5]]) + "\n")
+    with pytest.raises(DataFormatError, match=rf"^{path}: line 2: invalid JSON .*pass --skip_malformed"):
+        load_source(str(path))
+    with caplog.at_level(logging.WARNING):
+        src = load_source(str(path), skip_malformed=True, eval_fraction=0)
+    assert src.stats["skipped_malformed"] == 2 and src.stats["records"] == 8  # blank lines are not records
+    assert sorted(src.train["chosen"]) == [f"a{i}" for i in range(6)]
+    assert f"{path}: skipped 2 malformed of 8 records" in caplog.text
+
+
+@pytest.mark.parametrize("suffix, where", [(".jsonl", "line 5"), (".json", "record 4 of the array"),
+                                           (".json.gz", "record 4 of the array"), (".parquet", "row 4")])
+def test_records_are_named_as_their_file_numbers_them(tmp_path, write, make_pairs, suffix, where):
+    records = make_pairs(8)
+    records[4]["chosen"] = "   "
+    path = write(tmp_path / f"d{suffix}", records)
+    with pytest.raises(DataFormatError, match=rf"^{path}: {where}: field 'chosen' is empty"):
+        load_source(str(path))
+
+
+def _gz_bytes(records) -> bytes:
+    import gzip
+    import json
+
+    return gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+@pytest.mark.parametrize("name, content, what", [
+    ("cut.jsonl.gz", lambda recs: _gz_bytes(recs)[:-200], r"truncated gzip file: it ends after line \d+"),
+    ("cut.json.gz", lambda recs: _gz_bytes(recs)[:-200], "truncated gzip file"),
+    ("corrupt.jsonl.gz", lambda recs: (lambda b: b[:40] + bytes(x ^ 0xFF for x in b[40:80]) + b[80:])(_gz_bytes(recs)),
+     "corrupt gzip data"),
+    ("plain.jsonl.gz", lambda recs: b'{"prompt": "q", "chosen": "a"}\n', r"not a gzip file \(rename it"),
+    ("latin1.jsonl", lambda recs: b'{"prompt": "q", "chosen": "a"}\n{"prompt": "caf\xe9", "chosen": "a"}\n',
+     r"line 2: not UTF-8 text \(byte b'\\xe9'\)"),
+    ("latin1.json", lambda recs: b'[{"prompt": "q", "chosen": "a"},\n {"prompt": "caf\xe9", "chosen": "a"}]',
+     "line 2: not UTF-8 text"),
+    ("junk.parquet", lambda recs: b"this is not parquet", "cannot read it as Parquet"),
+])
+def test_unreadable_files_raise_a_named_data_error(tmp_path, make_pairs, name, content, what):
+    path = tmp_path / name
+    path.write_bytes(content(make_pairs(300)))
+    for skip in (False, True):  # a broken file is not a malformed record: --skip_malformed does not hide it
+        with pytest.raises(DataFormatError, match=rf"^{re.escape(str(path))}: {what}"):
+            load_source(str(path), skip_malformed=skip)
+
+
+def test_identical_pairs_are_dropped_counted_and_warned(tmp_path, write, make_pairs, caplog):
+    import logging
+
+    records = make_pairs(20)
+    for i in (2, 5, 11):
+        records[i]["rejected"] = records[i]["chosen"]
+    records[7]["rejected"] = " " + records[7]["chosen"] + "\n"  # identical once stripped, as stored
+    records[9]["rejected"] = records[12]["rejected"] = None  # single responses are not pairs
+    path = write(tmp_path / "d.jsonl", records)
+    with caplog.at_level(logging.WARNING):
+        src = load_source(str(path), eval_fraction=0.1)
+    assert src.stats["identical_pairs"] == 4 and src.stats["records"] == 20
+    kept = list(src.train) + list(src.eval)
+    assert len(kept) == 16 and not any(ex["chosen"] == ex["rejected"] for ex in kept)
+    assert f"{path}: dropped 4 of 18 pairs whose chosen and rejected answers are identical" in caplog.text
+
+
+def test_identical_pairs_across_train_and_eval_files_count_together(tmp_path, write, make_pairs):
+    train, test = make_pairs(10), make_pairs(4, start=100)
+    for r in train[:5] + test[:2]:
+        r["rejected"] = r["chosen"]
+    write(tmp_path / "train.jsonl", train)
+    write(tmp_path / "test.jsonl", test)
+    src = load_source(str(tmp_path))
+    assert src.stats["identical_pairs"] == 7 and (len(src.train), len(src.eval)) == (5, 2)
+    test[2]["rejected"] = test[2]["chosen"]  # now 8 of 14: the majority
+    write(tmp_path / "test.jsonl", test)
+    with pytest.raises(DataFormatError, match=rf"^{tmp_path}: 8 of its 14 pairs have identical chosen and rejected"):
+        load_source(str(tmp_path))
+
+
+def test_a_source_of_mostly_identical_pairs_is_refused(tmp_path, write, make_pairs):
+    records = make_pairs(10)
+    for r in records[:6]:
+        r["rejected"] = r["chosen"]
+    path = write(tmp_path / "d.jsonl", records)
+    with pytest.raises(DataFormatError, match=rf"^{path}: 6 of its 10 pairs have identical .*format prompt_chosen"):
+        load_source(str(path))
+    sft = [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in make_pairs(10)]
+    src = load_source(str(write(tmp_path / "sft.jsonl", sft)))  # no pairs at all: nothing to compare
+    assert src.stats["identical_pairs"] == 0
+
+
+def test_require_pairs_names_a_record_without_rejected_and_skips_it(tmp_path, write, make_pairs):
+    records = make_pairs(10)
+    del records[3]["rejected"]
+    path = write(tmp_path / "d.jsonl", records)
+    assert len(load_source(str(path), eval_fraction=0).train) == 10  # by default a single-response example
+    with pytest.raises(DataFormatError, match=rf"^{path}: line 4: missing field 'rejected'.*--skip_malformed"):
+        load_source(str(path), require_pairs=True)
+    src = load_source(str(path), require_pairs=True, skip_malformed=True, eval_fraction=0)
+    assert src.stats["skipped_malformed"] == 1 and len(src.train) == 9 and None not in src.train["rejected"]
+
+
+def test_read_records_names_a_non_json_line(tmp_path):
+    from chatrlhf.training.data.sources import read_records
+
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "a"}\n[1, \n')
+    with pytest.raises(DataFormatError, match=rf"^{path}: line 2: invalid JSON"):
+        list(read_records(path))

@@ -94,12 +94,12 @@ def test_lora_trains_only_the_adapters(tiny_model_dir, real_records, tmp_path):
 
 def test_engine_save_then_reload_gives_identical_logits(tiny_model_dir, tmp_path):
     from chatrlhf.training.builders import build_trained_model
-    from chatrlhf.training.config import EngineArgs, ModelArgs
+    from chatrlhf.training.config import EngineArgs, ModelArgs, OptimArgs
     from chatrlhf.utils.models import load_tokenizer
 
     path = str(tiny_model_dir("llama"))
     tok = load_tokenizer(path)
-    engine = build_trained_model(ModelArgs(model_name_or_path=path, lora_dim=4), EngineArgs(dtype="fp32"), tok,
+    engine = build_trained_model(ModelArgs(model_name_or_path=path, lora_dim=4), OptimArgs(), EngineArgs(dtype="fp32"), tok,
                                  head="causal_lm", micro_batch_size=2, total_steps=2)
     ids = torch.randint(0, 400, (2, 10))
     loss = engine(input_ids=ids, labels=ids).loss
@@ -204,11 +204,11 @@ def test_two_ranks_zero3_match_one_process(tiny_model_dir, real_records, tmp_pat
 def test_zero3_loads_each_rank_a_shard(tiny_model_dir):
     """Under ZeRO-3 the weights are partitioned while loading (zero.Init), not loaded whole then split."""
     from chatrlhf.training.builders import build_trained_model
-    from chatrlhf.training.config import EngineArgs, ModelArgs
+    from chatrlhf.training.config import EngineArgs, ModelArgs, OptimArgs
     from chatrlhf.utils.models import load_tokenizer
 
     path = str(tiny_model_dir("llama"))
-    engine = build_trained_model(ModelArgs(model_name_or_path=path, zero_stage=3), EngineArgs(dtype="fp32"),
+    engine = build_trained_model(ModelArgs(model_name_or_path=path, zero_stage=3), OptimArgs(), EngineArgs(dtype="fp32"),
                                  load_tokenizer(path), head="causal_lm", micro_batch_size=1, total_steps=1)
     params = list(engine.module.parameters())
     assert all(hasattr(p, "ds_id") for p in params)

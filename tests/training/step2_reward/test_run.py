@@ -11,10 +11,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from chatrlhf.training import checkpoint
-from chatrlhf.training.data.collate import PairCollator
 from chatrlhf.training.data.pipeline import load_phase_data
 from chatrlhf.training.step2_reward import main as rm_main
+from chatrlhf.training import reward_model
 from chatrlhf.training.step2_reward import rw_eval, trainer
+from chatrlhf.training.step2_reward.data import REWARD_DATA, PairCollator
 from chatrlhf.training.step2_reward.config import RewardConfig
 from chatrlhf.training.value_model import end_scores, token_values
 from chatrlhf.utils.config import from_flat, load_config, parse_config
@@ -67,9 +68,7 @@ def _hf_pair_scores(model_dir, cfg: RewardConfig) -> tuple[torch.Tensor, torch.T
     plus the same scores read by our token_values/end_scores."""
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    data = load_phase_data(cfg.data.data_path, phase=2, tokenizer=tok, data_split=cfg.data.data_split,
-                           seed=cfg.train.seed, cache_dir=cfg.data.data_output_path, max_seq_len=cfg.max_seq_len,
-                           eval_fraction=cfg.data.eval_fraction)
+    data = load_phase_data(cfg.data, REWARD_DATA, tok, seed=cfg.train.seed, max_seq_len=cfg.train.max_seq_len)
     batch = PairCollator(tok)([data.eval[i] for i in range(len(data.eval))])  # right-padded, [2B, T]
     with torch.no_grad():
         hf = model(**batch).logits.squeeze(-1)
@@ -121,8 +120,8 @@ def test_saved_model_loads_in_plain_transformers_with_identical_scores(planted_r
 
 def test_rw_eval_scores_answers_from_the_command_line_and_files(planted_run, tmp_path, capsys):
     _, out, _ = planted_run
-    model, tok = rw_eval.load_reward_model(str(out))
-    good, bad = rw_eval.score_texts(model, tok, "cat dog?", ["moon fig bed hat", "moon pen bed hat"])
+    model, tok = reward_model.load_reward_model(str(out))
+    good, bad = reward_model.score_texts(model, tok, "cat dog?", ["moon fig bed hat", "moon pen bed hat"])
     assert good > bad
 
     results = rw_eval.main(["--model_name_or_path", str(out), "--prompt", "cat dog?",
@@ -148,7 +147,7 @@ def test_rw_eval_scores_answers_from_the_command_line_and_files(planted_run, tmp
 
 def test_rw_eval_refuses_a_model_without_a_trained_head(tiny_model_dir):
     with pytest.raises(ValueError, match="no trained score head"):
-        rw_eval.load_reward_model(str(tiny_model_dir("llama")))
+        reward_model.load_reward_model(str(tiny_model_dir("llama")))
     with pytest.raises(SystemExit):
         rw_eval.main(["--model_name_or_path", "x", "--prompt", "p"])  # no answers
 
@@ -156,8 +155,8 @@ def test_rw_eval_refuses_a_model_without_a_trained_head(tiny_model_dir):
 def test_flags_defaults_and_ds_chat_compatibility():
     cfg = parse_config(RewardConfig, ["--num_padding_at_beginning", "1", "--compute_fp32_loss", "--margin", "0.5",
                                       "--center_coef", "0.01", "--zero_stage", "3", "--eval_iters", "5"])
-    assert cfg.model.learning_rate == 5e-5 and cfg.train.output_dir == "output/step2_reward"
-    assert cfg.train.eval_interval == 100 and cfg.num_padding_at_beginning == 1 and cfg.margin == 0.5
+    assert cfg.optim.learning_rate == 5e-5 and cfg.train.output_dir == "output/step2_reward"
+    assert cfg.train.eval_interval == 100 and cfg.dschat.num_padding_at_beginning == 1 and cfg.margin == 0.5
     assert cfg.center_coef == 0.01 and cfg.model.zero_stage == 3 and cfg.engine.compute_fp32_loss
     with pytest.raises(SystemExit):
         parse_config(RewardConfig, ["--center_coef", "-1"])

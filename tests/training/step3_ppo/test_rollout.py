@@ -12,8 +12,8 @@ from chatrlhf.training.data.render import encode_prompt, encode_response
 from chatrlhf.training.hybrid_engine import build_engine
 from chatrlhf.training.step3_ppo import trainer
 from chatrlhf.training.step3_ppo.config import PPOConfig
-from chatrlhf.training.step3_ppo.rollout import (Rollout, concat, generate, response_mask, retokenize_for_reward,
-                                                 score)
+from chatrlhf.training.step3_ppo.rewards import FunctionReward, retokenize_for_reward
+from chatrlhf.training.step3_ppo.rollout import Rollout, concat, generate, response_mask, score
 from chatrlhf.utils.config import from_flat
 from chatrlhf.utils.models import load_model, load_tokenizer
 
@@ -152,15 +152,12 @@ def test_old_logprobs_and_values_are_computed_without_dropout(models):
     sequences, action_mask, _ = generate(actor, enc["input_ids"], enc["attention_mask"], tokenizer=tok,
                                          sampling=dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0),
                                          max_new_tokens=6)
-    reward = lambda prompts, responses: [0.5] * len(responses)  # noqa: E731
-    texts = (["p", "q"], ["a", "b"])
     passes = []
     for _ in range(2):
         actor.train()
         critic.train()
-        passes.append(score(actor, ref, critic, reward, sequences, enc["attention_mask"], action_mask,
-                            temperature=1.0, reward_inputs=texts))
-    for key in ("logprobs", "ref_logprobs", "values", "scores"):
+        passes.append(score(actor, ref, critic, sequences, enc["attention_mask"], action_mask, temperature=1.0))
+    for key in ("logprobs", "ref_logprobs", "values"):
         assert torch.equal(passes[0][key], passes[1][key]), key
     assert passes[0]["logprobs"].shape == action_mask.shape == passes[0]["values"].shape
     # ...while in training mode the same forward is noisy: dropout 0.5 is really there.
@@ -190,8 +187,8 @@ def test_make_rollout_keeps_every_row_and_masks_short_and_unfinished_answers(mod
         seen.update(prompts=prompts, responses=responses)
         return [1.0, 2.0]
 
-    m = trainer.Models(actor=actor, critic=models["critic"], ref=models["ref"], reward=reward, tokenizer=tok,
-                       reward_tokenizer=None)
+    m = trainer.Models(actor=actor, critic=models["critic"], ref=models["ref"], reward=FunctionReward(reward),
+                       tokenizer=tok)
     cfg = from_flat(PPOConfig, {"max_answer_seq_len": R, "do_sample": False, "missing_eos_penalty": -3.0})
     timings = {}
     r = trainer.make_rollout(m, enc, cfg, timings)

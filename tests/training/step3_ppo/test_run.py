@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from chatrlhf.training import checkpoint
 from chatrlhf.training.step3_ppo import main as ppo_main
-from chatrlhf.training.step3_ppo import trainer
+from chatrlhf.training.step3_ppo import rewards, trainer
 from chatrlhf.training.step3_ppo.config import PPOConfig
 from chatrlhf.training.step3_ppo.ema import EMA_FILE
 from chatrlhf.utils.config import from_flat, parse_config
@@ -269,8 +269,8 @@ def test_a_reward_model_with_another_tokenizer_scores_its_own_rendering(tiny_mod
     actor = tiny_model_dir("llama")                          # ChatML template, eos <|im_end|>
     reward = tiny_model_dir("gpt2", chat_template=False)     # "Human: ... Assistant:" form, eos </s>
     seen = []
-    real = trainer.retokenize_for_reward
-    monkeypatch.setattr(trainer, "retokenize_for_reward", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    real = rewards.retokenize_for_reward
+    monkeypatch.setattr(rewards, "retokenize_for_reward", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
     out = tmp_path / "rm"
     cfg = from_flat(PPOConfig, _flags(actor, out, prompts, tmp_path / "cache", reward_model_name_or_path=str(reward)))
     ppo_main.run(cfg)

@@ -1,0 +1,49 @@
+"""Preference pairs as tokens, for every step that learns from them (the reward model, DPO and its family).
+
+A pair is prompt + chosen + eos and prompt + rejected + eos, under one length budget so that both rows keep
+the same prompt tokens. `length` is the longer row's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chatrlhf.training.data.collate import pad, pad_id
+from chatrlhf.training.data.render import encode_prompts, encode_responses
+from chatrlhf.training.data.tokenize import budget
+
+PAIR_COLUMNS = {"chosen_input_ids": "ids", "rejected_input_ids": "ids"}
+
+
+def tokenize_pairs(batch, tokenizer, max_seq_len, max_prompt_len, overlength):
+    """Batched: normalised pairs -> chosen_input_ids, rejected_input_ids, length (+ the count columns)."""
+    out = {k: [] for k in ("chosen_input_ids", "rejected_input_ids", "length", "_truncated", "_eos_cut")}
+    prompts = encode_prompts(tokenizer, batch["prompt"])
+    chosen, rejected = encode_responses(tokenizer, batch["chosen"]), encode_responses(tokenizer, batch["rejected"])
+    for p, c, r in zip(prompts, chosen, rejected):
+        # One budget for both answers keeps the prompt tokens identical in the pair.
+        kp, kr = budget(len(p), max(len(c), len(r)), max_seq_len, max_prompt_len)
+        cut = kp < len(p) or kr < max(len(c), len(r))
+        if cut and overlength == "drop":
+            continue
+        p = p[len(p) - kp:]
+        out["chosen_input_ids"].append(p + c[:kr])
+        out["rejected_input_ids"].append(p + r[:kr])
+        out["length"].append(len(p) + min(kr, max(len(c), len(r))))
+        out["_truncated"].append(cut)
+        out["_eos_cut"].append(kr < len(c) or kr < len(r))
+    return out
+
+
+@dataclass
+class PairCollator:
+    """Chosen rows then rejected rows in one right-padded batch, input_ids/attention_mask [2B, T]
+    (row i and row B + i are a pair)."""
+    tokenizer: object
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        input_ids, mask = pad(rows, pad_id(self.tokenizer), "right", self.pad_to_multiple_of)
+        return {"input_ids": input_ids, "attention_mask": mask}

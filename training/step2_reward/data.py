@@ -1,0 +1,9 @@
+"""Step 2's data: preference pairs (chatrlhf.training.data.preference) from the second --data_split share."""
+from __future__ import annotations
+
+from chatrlhf.training.data.pipeline import StepData
+from chatrlhf.training.data.preference import PAIR_COLUMNS, PairCollator, tokenize_pairs
+
+REWARD_DATA = StepData(name="reward", share=1, tokenize=tokenize_pairs, columns=PAIR_COLUMNS, needs_pairs=True)
+
+__all__ = ["REWARD_DATA", "PairCollator"]
