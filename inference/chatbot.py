@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterable, Optional, TextIO
 
 import torch
@@ -25,6 +26,7 @@ from transformers import TextStreamer
 from chatrlhf.training.config import Dtype, GenerationArgs
 from chatrlhf.training.data.render import encode_prompt, render_prompt
 from chatrlhf.training.generation import generate
+from chatrlhf.training.vllm_backend import INSTALL_HINT, GenerationBackend, vllm_installed
 from chatrlhf.utils.config import group, parse_config
 
 QUIT, CLEAR = ("quit", "exit"), "clear"
@@ -44,11 +46,16 @@ class ChatbotConfig:
     """Precision: fp32, bf16, fp16, or auto (bf16 where the accelerator supports it, else fp32)."""
     seed: Optional[int] = None
     """Seed for sampling (with --do_sample)."""
+    generation_backend: GenerationBackend = "hf"
+    """What generates: hf (Hugging Face generate) or vllm (a vLLM engine given the model's weights; each answer
+    appears whole when it is done; the `[vllm]` extra)."""
     gen: GenerationArgs = group(GenerationArgs, do_sample=False, temperature=0.7, top_p=0.9)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.generation_backend == "vllm" and not vllm_installed():
+            raise ValueError(f"--generation_backend vllm: the vllm package is not installed; {INSTALL_HINT}")
 
 
 def context_length(config) -> int | None:
@@ -78,12 +85,13 @@ class Chat:
     """One conversation with one model: messages in, rendered as in training, answers out (streamed if asked).
 
     `model` is a plain Hugging Face causal LM on its device; `gen_args` the shared sampling settings
-    (default: greedy). `max_context` defaults to the model's own limit.
+    (default: greedy). `max_context` defaults to the model's own limit. `generator`: a vLLM engine holding the
+    model's weights (training/vllm_backend.py) generates instead of `model`.
     """
 
     def __init__(self, model, tokenizer, gen_args: GenerationArgs | None = None, *, max_new_tokens: int = 128,
-                 system: str | None = None, max_context: int | None = None):
-        self.model, self.tokenizer = model.eval(), tokenizer
+                 system: str | None = None, max_context: int | None = None, generator=None):
+        self.model, self.tokenizer, self.generator = model.eval(), tokenizer, generator
         self.gen_args = gen_args or GenerationArgs(do_sample=False)
         self.max_new_tokens, self.system = max_new_tokens, system
         self.max_context = max_context or context_length(model.config)
@@ -127,22 +135,29 @@ class Chat:
         checkpoint's generation_config cannot change them; stops at EOS."""
         tok = self.tokenizer
         input_ids = torch.tensor([ids], device=next(self.model.parameters()).device)
-        out = generate(self.model, input_ids, torch.ones_like(input_ids), max_new_tokens=self.max_new_tokens,
-                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                       streamer=_Printer(tok, stream) if stream else None, **self.gen_args.sampling())
+        run = self.generator.generate if self.generator is not None else partial(generate, self.model)
+        out = run(input_ids, torch.ones_like(input_ids), max_new_tokens=self.max_new_tokens,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  streamer=_Printer(tok, stream) if stream else None, **self.gen_args.sampling())
         return out[0, len(ids):].tolist()
 
 
 def load_chat(path: str, gen_args: GenerationArgs | None = None, *, dtype: str = "auto", max_new_tokens: int = 128,
-              system: str | None = None) -> Chat:
-    """A Chat with the model and tokenizer saved at `path`, loaded as training loads them, on this accelerator."""
+              system: str | None = None, generation_backend: str = "hf") -> Chat:
+    """A Chat with the model and tokenizer saved at `path`, loaded as training loads them, on this accelerator
+    (`generation_backend="vllm"`: and a vLLM engine given its weights, which generates)."""
     from chatrlhf.training.precision import DTYPES, training_dtype
     from chatrlhf.utils.distributed import device
     from chatrlhf.utils.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(path)
-    model = load_model(path, tokenizer, head="causal_lm", dtype=DTYPES[training_dtype(dtype)])
-    return Chat(model.to(device()), tokenizer, gen_args, max_new_tokens=max_new_tokens, system=system)
+    model = load_model(path, tokenizer, head="causal_lm", dtype=DTYPES[training_dtype(dtype)]).to(device())
+    generator = None
+    if generation_backend == "vllm":
+        from chatrlhf.training.vllm_backend import generator_for
+
+        generator = generator_for(model, dtype=DTYPES[training_dtype(dtype)])
+    return Chat(model, tokenizer, gen_args, max_new_tokens=max_new_tokens, system=system, generator=generator)
 
 
 def converse(chat: Chat, lines: Iterable[str], out: TextIO, err: TextIO, interactive: bool = False) -> None:
@@ -178,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     # DeepSpeed's logger prints to stdout; loading under this redirect keeps stdout for answers only.
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            chat = load_chat(cfg.path, cfg.gen, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens, system=cfg.system)
+            chat = load_chat(cfg.path, cfg.gen, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens, system=cfg.system,
+                             generation_backend=cfg.generation_backend)
         except (OSError, ValueError) as e:
             raise SystemExit(f"chatbot: cannot load --path {cfg.path!r}: {e}") from None
     if cfg.seed is not None:

@@ -135,7 +135,8 @@ def examples():
 
     def make(rows):
         return Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p, _, _ in rows],
-                                  "chosen": [c for _, c, _ in rows], "rejected": [r for _, _, r in rows]},
+                                  "chosen": [c for _, c, _ in rows], "rejected": [r for _, _, r in rows],
+                                  "metadata": [None] * len(rows)},
                                  features=example_features())
     return make
 

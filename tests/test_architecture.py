@@ -2,7 +2,12 @@
 
 utils <- training (shared modules) <- step packages <- inference; training/pipeline, the driver, sits on top.
 A step never imports another step, no shared module imports a step, and nobody imports a step's command-line
-module (its main.py, rw_eval.py) except that step's own __main__.py.
+module (its main.py, rw_eval.py) except that step's own __main__.py and launch glue.
+
+Launch glue: Python files in a folder that is not a package (no __init__.py, so not installed), such as
+DeepSpeed-Chat's step folder names under training/ (training/step1_supervised_finetuning/main.py runs
+chatrlhf.training.step1_sft.main). Like a step's __main__.py they may import the command-line modules, and only
+those; nothing imports them.
 """
 from __future__ import annotations
 
@@ -12,6 +17,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("training", "inference", "utils")
 CLI_MODULES = {"main", "rw_eval"}  # a step's command-line modules: glue, never imported
+GLUE_TARGETS = ("chatrlhf.inference.prompt_eval", "chatrlhf.inference.chatbot", "chatrlhf.training.pipeline.cli")
+
+
+def is_glue(root: Path, path: Path) -> bool:
+    """A file in a folder that is not a package: launch glue, not installed (see the module docstring)."""
+    folder = path.parent
+    while folder != root and folder.parent != root:
+        if not (folder / "__init__.py").is_file():
+            return True
+        folder = folder.parent
+    return False
+
+
+def is_cli_module(module: str) -> bool:
+    """A step's main.py or rw_eval.py, or an entry point of inference or the pipeline."""
+    kind, _ = layer(module)
+    return (kind == "step" and module.split(".")[-1] in CLI_MODULES and module.count(".") == 3) or module in GLUE_TARGETS
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -56,6 +78,8 @@ def layer(module: str) -> tuple[str, str | None]:
 
 def violations(root: Path) -> list[str]:
     found = []
+    glue = {module_name(root, path) for package in PACKAGES for path in (root / package).rglob("*.py")
+            if is_glue(root, path)}
     for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
             name = module_name(root, path)
@@ -65,6 +89,15 @@ def violations(root: Path) -> list[str]:
                     continue
                 t_kind, t_step = layer(target)
                 where = f"{path.relative_to(root)}:{line} imports {target}"
+                if target in glue or any(target.startswith(g + ".") for g in glue):
+                    found.append(f"{where}: launch glue is run, never imported")
+                    continue
+                if name in glue:
+                    # `from chatrlhf.training.step1_sft.main import main` also yields the module it comes from.
+                    parent = target.rsplit(".", 1)[0]
+                    if not (is_cli_module(target) or is_cli_module(parent)):
+                        found.append(f"{where}: launch glue runs a command-line module and nothing else")
+                    continue
                 if kind == "utils" and t_kind != "utils":
                     found.append(f"{where}: utils imports nothing above it")
                 elif kind == "shared" and t_kind in ("step", "pipeline", "inference"):
@@ -85,10 +118,15 @@ def test_imports_point_one_way():
     assert violations(REPO) == []
 
 
-def plant(tmp_path: Path, file: str, text: str) -> Path:
-    for package in PACKAGES:
-        (tmp_path / package).mkdir(parents=True, exist_ok=True)
-    (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+def plant(tmp_path: Path, file: str, text: str, package: bool = True) -> Path:
+    """Writes `file` under a fake repo; its folders are packages (with __init__.py) unless package=False."""
+    for name in PACKAGES:
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    folder = (tmp_path / file).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    while package and folder.parent != tmp_path:
+        (folder / "__init__.py").touch()
+        folder = folder.parent
     (tmp_path / file).write_text(text)
     return tmp_path
 
@@ -108,4 +146,30 @@ def test_a_planted_upward_import_is_caught(tmp_path):
     # Allowed: a step's own __main__ imports its main; the pipeline imports a step's data module.
     ok = plant(tmp_path / "ok", "training/step1_sft/__main__.py", "from chatrlhf.training.step1_sft.main import main\n")
     plant(ok, "training/pipeline/report.py", "from chatrlhf.training.step3_ppo.data import prompt_data\n")
+    # Launch glue (a folder without __init__.py) may run a step's command-line module.
+    plant(ok, "training/step1_supervised_finetuning/main.py", "from chatrlhf.training.step1_sft.main import main\n",
+          package=False)
+    plant(ok, "training/step1_supervised_finetuning/prompt_eval.py",
+          "from chatrlhf.inference.prompt_eval import main\n", package=False)
     assert violations(ok) == []
+
+
+def test_launch_glue_runs_command_line_modules_only_and_is_never_imported(tmp_path):
+    root = plant(tmp_path / "a", "training/step1_supervised_finetuning/main.py",
+                 "from chatrlhf.training.step1_sft.trainer import train\n", package=False)
+    found = violations(root)
+    assert found and all("launch glue runs a command-line module" in f for f in found), found
+    root = plant(tmp_path / "b", "training/step1_supervised_finetuning/main.py",
+                 "from chatrlhf.training.step1_sft.main import main\n", package=False)
+    plant(root, "training/x.py", "import chatrlhf.training.step1_supervised_finetuning.main\n")
+    found = violations(root)
+    assert len(found) == 1 and "never imported" in found[0], found
+
+
+def test_dschat_folders_are_glue_not_packages():
+    folders = ["step1_supervised_finetuning", "step2_reward_model_finetuning", "step2_dpo_finetuning",
+               "step3_rlhf_finetuning"]
+    for folder in folders:
+        main = REPO / "training" / folder / "main.py"
+        assert main.is_file() and is_glue(REPO, main), folder
+        assert not (REPO / "training" / folder / "__init__.py").exists()

@@ -70,6 +70,8 @@ def install_safe_loading(ds_engine) -> None:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     current, cls = ds_engine.checkpoint_engine, _safe_engine_class()
+    if current is None:  # a frozen ZeRO-3 engine (DeepSpeedZeRoOffload) has none: it never saves or loads
+        return
     if isinstance(current, cls) or vars(current).get("load") is _safe_engine_load:
         return
     if type(current) is TorchCheckpointEngine:  # the default: the same object state, our load

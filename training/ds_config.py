@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 
+REDUCE_BUCKET_SIZE = int(5e8)  # DeepSpeed's default
+
+
 def build_ds_config(*, zero_stage: int, dtype: str, micro_batch_size: int, gradient_accumulation_steps: int,
                     world_size: int, offload: bool = False, gradient_clipping: float = 1.0,
                     inference_only: bool = False, user_config: dict | None = None) -> dict[str, Any]:
@@ -25,8 +28,10 @@ def build_ds_config(*, zero_stage: int, dtype: str, micro_batch_size: int, gradi
         zero.update({
             # Small parameters stay whole on every rank: gathering them costs more than it saves.
             "stage3_param_persistence_threshold": 1e4,
-            "stage3_max_live_parameters": 3e7,
-            "stage3_prefetch_bucket_size": 3e7,
+            # DeepSpeed's defaults, not DeepSpeed-Chat's 3e7: with at most 3e7 parameters live a model released
+            # and re-gathered its layers between the forward and the backward of every step, fits or not.
+            "stage3_max_live_parameters": 1e9,
+            "stage3_prefetch_bucket_size": 5e7,
             "stage3_gather_16bit_weights_on_model_save": True,
         })
     if offload and not inference_only:
@@ -34,7 +39,9 @@ def build_ds_config(*, zero_stage: int, dtype: str, micro_batch_size: int, gradi
     if offload and zero_stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if zero_stage in (1, 2):
-        zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 5e7})
+        # DeepSpeed's own defaults (reduce_bucket_size 5e8, overlap_comm off below ZeRO-3): a 5e7 bucket cut a 135M
+        # model's gradient reduction into three collectives instead of one.
+        zero.update({"contiguous_gradients": True, "reduce_bucket_size": REDUCE_BUCKET_SIZE})
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,

@@ -63,13 +63,12 @@ def load_reward_model(name_or_path: str, dtype: str = "fp32"):
     from transformers import AutoModelForSequenceClassification
 
     from chatrlhf.utils.distributed import device
-    from chatrlhf.utils.models import load_tokenizer
-    from chatrlhf.utils.smollm2 import resolve_model_path
+    from chatrlhf.utils.models import load_tokenizer, model_location
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     tokenizer = load_tokenizer(name_or_path)
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(name_or_path), num_labels=1, dtype=dtypes[dtype], output_loading_info=True)
+        model_location(name_or_path), num_labels=1, dtype=dtypes[dtype], output_loading_info=True, trust_remote_code=False)
     if any(k.startswith("score.") for k in info["missing_keys"]):
         raise ValueError(f"{name_or_path} has no trained score head (is it a step-2 output?); "
                          "its scores would be random")

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from chatrlhf.utils import watchdog
+
+# Added to --hang_timeout for the process group's own timeout: the watchdog (which names the rank that stopped)
+# fires first; a collective that blocks even so fails after this much longer instead of waiting forever.
+PG_TIMEOUT_MARGIN_S = 120
 
 
 def _free_port() -> int:
@@ -20,8 +28,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Joins (or, for a lone process, creates) the default process group. Idempotent."""
+def init_distributed(hang_timeout: float | None = None) -> None:
+    """Joins (or, for a lone process, creates) the default process group. Idempotent.
+
+    `hang_timeout` (seconds, RunArgs.hang_timeout): collectives of the group time out after it plus
+    PG_TIMEOUT_MARGIN_S (None or 0: DeepSpeed's default, 30 minutes)."""
     if dist.is_available() and dist.is_initialized():
         return
     # A plain `python` run has no launcher env: make it a world of one on loopback.
@@ -31,7 +42,8 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(), verbose=False)
+    kwargs = {"timeout": timedelta(seconds=hang_timeout + PG_TIMEOUT_MARGIN_S)} if hang_timeout else {}
+    deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(), verbose=False, **kwargs)
     accelerator().set_device(get_local_rank())
 
 
@@ -45,6 +57,22 @@ def device() -> torch.device:
     """This rank's device (`cuda:N` on GPU boxes, `cpu` on DeepSpeed's CPU accelerator)."""
     name = accelerator().device_name()
     return torch.device(name if name == "cpu" else f"{name}:{get_local_rank()}")
+
+
+@contextmanager
+def fork_rng():
+    """Every random generator of this process saved on entry and restored on exit: the CPU's and, on an
+    accelerator, each of its devices' (torch.manual_seed inside reseeds them all). What runs inside, a seeded
+    evaluation, leaves the training's randomness exactly where it was."""
+    acc = accelerator()
+    cpu = torch.get_rng_state()
+    devices = [] if acc.device_name() == "cpu" else [(i, acc.get_rng_state(i)) for i in range(acc.device_count())]
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        for i, state in devices:
+            acc.set_rng_state(state, i)
 
 
 def is_initialized() -> bool:
@@ -73,14 +101,16 @@ def is_local_main_process() -> bool:
 
 def barrier() -> None:
     if is_initialized() and get_world_size() > 1:
-        dist.barrier()
+        with watchdog.collective("barrier"):
+            dist.barrier()
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of `t` over ranks (a new tensor; the input is left alone)."""
     t = t.detach().clone()
     if is_initialized() and get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with watchdog.collective("all_reduce_mean"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= get_world_size()
     return t
 
@@ -88,14 +118,16 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().clone()
     if is_initialized() and get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with watchdog.collective("all_reduce_sum"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().clone()
     if is_initialized() and get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        with watchdog.collective("all_reduce_max"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
@@ -104,5 +136,6 @@ def broadcast_object(obj, src: int = 0):
     if not (is_initialized() and get_world_size() > 1):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with watchdog.collective("broadcast_object"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]

@@ -156,14 +156,17 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
 
 
 def lora_target_modules(model, module_name: str | None) -> list[str]:
-    """Names of the Linear layers that get LoRA: those containing `module_name`, or all inside the blocks."""
+    """Names of the Linear layers that get LoRA: those whose name contains `module_name` (DeepSpeed-Chat's
+    substring rule), or with None every one inside the transformer blocks (`decoder_layers`; not OPT's
+    project_in/project_out, which sit outside them). Output heads never do."""
     from transformers.pytorch_utils import Conv1D  # GPT-2's Linear
 
+    blocks = decoder_layers(model)[0] + "." if module_name is None else None
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, Conv1D)) or name.split(".")[-1] in HEAD_NAMES:
             continue
-        if module_name is None or module_name in name:
+        if (module_name in name) if module_name is not None else name.startswith(blocks):
             names.append(name)
     if not names:
         where = f"--lora_module_name {module_name!r}" if module_name else "the model"
@@ -173,22 +176,33 @@ def lora_target_modules(model, module_name: str | None) -> list[str]:
 
 
 def add_lora(model, *, dim: int, alpha: float | None, dropout: float, module_name: str | None,
-             only_optimize_lora: bool, head: str = "causal_lm"):
-    """Wraps `model` with peft LoRA adapters. Without `only_optimize_lora` the base weights keep training too
-    (DeepSpeed-Chat's meaning of its flags); a scalar head always trains."""
+             only_optimize_lora: bool, head: str = "causal_lm", init: str = "dschat"):
+    """Wraps `model` with peft LoRA adapters that train as DeepSpeed-Chat's do.
+
+    Scale `alpha / dim` (None: DeepSpeed-Chat's 1/dim, peft lora_alpha = 1). B starts at zero; with
+    init="dschat" A starts uniform in +-1/sqrt(dim), DeepSpeed-Chat's kaiming_uniform(a=sqrt(5)) of its (in x dim)
+    matrix, whose fan-in is dim; init="peft" keeps peft's +-1/sqrt(in_features) (sqrt(in/dim) times smaller). Without
+    `only_optimize_lora` the wrapped layers' weights are frozen and every other parameter trains (their biases
+    included), as DeepSpeed-Chat does; with it only the adapters train. A scalar head always trains."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora_target_modules(model, module_name)
-    config = LoraConfig(r=dim, lora_alpha=alpha if alpha is not None else 2 * dim, lora_dropout=dropout,
+    config = LoraConfig(r=dim, lora_alpha=1.0 if alpha is None else alpha, lora_dropout=dropout,
                         target_modules=targets, modules_to_save=["score"] if head == "score" else None)
     if getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     # Adapters in the base weights' dtype (peft would upcast them to fp32): ZeRO-3 needs one dtype among the
     # trained tensors, and DeepSpeed's bf16/fp16 optimizers keep fp32 master copies anyway.
     model = get_peft_model(model, config, autocast_adapter_dtype=False)
-    if not only_optimize_lora:
+    if init not in ("dschat", "peft"):
+        raise ValueError(f"--lora_init must be dschat or peft, got {init!r}")
+    bound = 1.0 / dim ** 0.5
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" not in name:
+            if ".lora_A." in name and init == "dschat":
+                p.uniform_(-bound, bound)
+            elif (not only_optimize_lora and "lora_" not in name and not name.endswith(".base_layer.weight")
+                  and ".original_module." not in name):  # modules_to_save's unused copy of the head
                 p.requires_grad_(True)
     return model
 

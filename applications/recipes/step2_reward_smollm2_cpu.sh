@@ -16,7 +16,7 @@ python -m chatrlhf.training.step2_reward \
   --model_name_or_path smollm2-135m-instruct \
   --data_path hh-rlhf-demo --data_split 0,1,0 --eval_fraction 0.1 --skip_malformed \
   --max_seq_len 256 --dtype bf16 \
-  --lora_dim 16 --lora_module_name layers.29. --only_optimize_lora \
+  --lora_dim 16 --lora_alpha 32 --lora_init peft --lora_module_name layers.29. --only_optimize_lora \
   --learning_rate 1e-3 --lora_learning_rate 1e-3 --num_warmup_steps 5 \
   --per_device_train_batch_size 4 --gradient_accumulation_steps 2 --max_steps 60 \
   --per_device_eval_batch_size 4 --eval_iters 100 --eval_interval 0 \

@@ -23,8 +23,11 @@ LORA=${LORA:-1}
 OUT=${OUT:-output/step3_ppo_zero${ZERO}_lora${LORA}}
 
 if [[ $LORA == 1 ]]; then
-  TUNE=(--actor_lora_dim 16 --actor_lora_module_name layers.29. --actor_lora_learning_rate 3e-3
-        --critic_lora_dim 16 --critic_lora_module_name layers.29. --critic_lora_learning_rate 1e-3
+  # peft's LoRA scale (alpha 2 x dim) and init, which these measured runs used
+  TUNE=(--actor_lora_dim 16 --actor_lora_alpha 32 --actor_lora_init peft --actor_lora_module_name layers.29.
+        --actor_lora_learning_rate 3e-3
+        --critic_lora_dim 16 --critic_lora_alpha 32 --critic_lora_init peft --critic_lora_module_name layers.29.
+        --critic_lora_learning_rate 1e-3
         --critic_learning_rate 1e-3 --only_optimize_lora)
 else
   TUNE=(--actor_learning_rate 5e-5 --critic_learning_rate 2e-5)

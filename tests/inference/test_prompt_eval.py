@@ -108,3 +108,33 @@ def test_flags():
         parse_config(PromptEvalConfig, base + ["--prompts", "x", "--prompts_file", "p.txt"])
     with pytest.raises(SystemExit):
         parse_config(PromptEvalConfig, ["--model_name_or_path_baseline", "a"])
+
+
+def test_language_prompt_sets(two_models):
+    from chatrlhf.inference.prompt_eval import PROMPTS_BY_LANGUAGE
+
+    records = compare(*two_models, max_new_tokens=2, dtype="fp32", language="Japanese")
+    assert [r["prompt"] for r in records] == PROMPTS_BY_LANGUAGE["Japanese"]
+    assert len(PROMPTS_BY_LANGUAGE["Chinese"]) == len(DEFAULT_PROMPTS)
+
+
+def test_beam_search_returns_several_answers_with_scores(two_models, tiny_model_dir, capsys):
+    reward = str(tiny_model_dir("llama", head="score"))
+    records = main(["--model_name_or_path_baseline", two_models[0], "--model_name_or_path_finetune", two_models[1],
+                    "--prompts", PROMPTS[0], "--max_new_tokens", "4", "--dtype", "fp32", "--num_beams", "3",
+                    "--num_return_sequences", "2", "--reward_model_name_or_path", reward])
+    out = capsys.readouterr().out
+    for name in ("baseline", "finetune"):
+        answers, scores = records[0][name], records[0][f"{name}_score"]
+        assert isinstance(answers, list) and len(answers) == 2 and len(scores) == 2
+        assert f"---- {name} #2" in out
+    assert "--num_beams: beam search" in out  # the start-up notice: DeepSpeed-Chat's prompt_eval ignored it
+    assert set(mean_scores(records)) == {"baseline", "finetune"}
+
+
+def test_contrastive_search_through_prompt_eval(two_models):
+    greedy = compare(*two_models, PROMPTS, max_new_tokens=5, dtype="fp32")
+    almost_greedy = compare(*two_models, PROMPTS, max_new_tokens=5, dtype="fp32", penalty_alpha=1e-9)
+    assert almost_greedy == greedy  # a vanishing penalty picks the most likely token
+    contrastive = compare(*two_models, PROMPTS, max_new_tokens=5, dtype="fp32", penalty_alpha=0.9)
+    assert [r["prompt"] for r in contrastive] == PROMPTS and all(isinstance(r["baseline"], str) for r in contrastive)

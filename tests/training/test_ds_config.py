@@ -157,3 +157,17 @@ def test_module_imports_no_deepspeed():
 
     code = "import sys, chatrlhf.training.ds_config; assert 'deepspeed' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_1_2_reduce_in_deepspeeds_default_bucket_and_leave_overlap_to_it(stage):
+    # A 5e7 bucket cut a 135M model's gradient reduction into three collectives; DeepSpeed's default is 5e8.
+    zero = build(zero_stage=stage)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 5e8 and zero["contiguous_gradients"] is True
+    assert "overlap_comm" not in zero  # DeepSpeed's default for the stage
+
+
+def test_zero3_keeps_deepspeeds_live_parameter_budget():
+    zero = build(zero_stage=3)["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == 1e9 and zero["stage3_prefetch_bucket_size"] == 5e7
+    assert "reduce_bucket_size" not in zero

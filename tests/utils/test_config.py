@@ -256,7 +256,7 @@ def test_save_load_round_trip(tmp_path):
     path = save_config(cfg, tmp_path / "ckpt")
     assert path.parent == tmp_path / "ckpt" and path.is_file()
     flat = yaml.safe_load(path.read_text())
-    assert flat["zero_stage"] == 3 and flat["data_path"] == ["a", "b"] and flat["lora_alpha"] is None
+    assert flat["zero_stage"] == 3 and flat["data_path"] == ["a", "b"] and flat["lora_alpha"] == 1.0
     loaded = load_config(SFTConfig, tmp_path / "ckpt")
     assert loaded == cfg
     assert type(loaded.optim.learning_rate) is float and type(loaded.model.zero_stage) is int

@@ -347,23 +347,63 @@ def test_only_optimize_lora_freezes_the_base(tiny_model_dir, family, head):
     else:
         assert rest and all("score.modules_to_save." in n for n in rest)  # the scalar head always trains
     layer = peft_model.get_submodule("base_model.model." + targets[0])
-    assert layer.scaling["default"] == 2.0  # alpha defaults to 2 x dim
+    assert layer.scaling["default"] == 1 / 4  # DeepSpeed-Chat's scale 1/dim when no alpha is given
 
 
 @pytest.mark.parametrize("head", ["causal_lm", "score"])
-def test_without_only_optimize_lora_base_weights_train_too(tiny_model_dir, head):
+def test_without_only_optimize_lora_the_wrapped_weights_freeze_as_in_dschat(tiny_model_dir, head):
+    """DeepSpeed-Chat's LinearLayer_LoRA freezes the weight of every layer it wraps; everything else trains."""
     path = str(tiny_model_dir("llama"))
     model = models.load_model(path, models.load_tokenizer(path), head=head)
     peft_model = models.add_lora(model, dim=4, alpha=16, dropout=0.0, module_name="self_attn",
                                  only_optimize_lora=False, head=head)
     names = trainable(peft_model)
     assert any("embed_tokens" in n for n in names)
-    assert any("q_proj.base_layer.weight" in n for n in names)
-    assert any("mlp.gate_proj.weight" in n for n in names)
+    assert not any(n.endswith(".base_layer.weight") for n in names)  # q_proj, k_proj, ...: frozen
+    assert any("mlp.gate_proj.weight" in n for n in names)  # not wrapped: trains
+    assert any("input_layernorm" in n for n in names)
     assert any(".lora_A." in n for n in names)
     assert not any(".lora_" in n and "mlp" in n for n in names)  # LoRA only where module_name matched
+    assert not any(".original_module." in n for n in names)
     if head == "score":
         assert any("score.modules_to_save." in n for n in names)
+
+
+def test_without_only_optimize_lora_the_wrapped_biases_train(tiny_model_dir):
+    path = str(tiny_model_dir("opt", chat_template=False))
+    model = models.load_model(path, models.load_tokenizer(path))
+    names = trainable(models.add_lora(model, dim=4, alpha=None, dropout=0.0, module_name="decoder.layers.",
+                                      only_optimize_lora=False))
+    assert any(n.endswith("q_proj.base_layer.bias") for n in names)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in names)
+
+
+@pytest.mark.parametrize("init,bound", [("dschat", 1 / 4 ** 0.5), ("peft", 1 / 32 ** 0.5)])
+def test_lora_a_starts_as_in_dschat_or_peft(tiny_model_dir, init, bound):
+    """DeepSpeed-Chat: kaiming_uniform(a=sqrt(5)) of its (in x dim) matrix, fan-in dim: +-1/sqrt(dim);
+    peft: of its (dim x in) matrix, fan-in in_features (32 here): +-1/sqrt(in)."""
+    path = str(tiny_model_dir("llama"))
+    torch.manual_seed(0)
+    model = models.load_model(path, models.load_tokenizer(path))
+    peft_model = models.add_lora(model, dim=4, alpha=None, dropout=0.0, module_name="q_proj",
+                                 only_optimize_lora=True, init=init)
+    a = torch.cat([p.flatten() for n, p in peft_model.named_parameters() if ".lora_A." in n])
+    b = torch.cat([p.flatten() for n, p in peft_model.named_parameters() if ".lora_B." in n])
+    assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound  # uniform over the whole range
+    assert torch.all(b == 0)
+
+
+def test_default_lora_targets_on_opt_are_dschat_decoder_layers_without_project_in_out(tmp_path):
+    """An OPT whose word embeddings are narrower than its hidden size (opt-350m) has project_in/project_out
+    Linears outside the blocks: the default leaves them out, as DeepSpeed-Chat's `decoder.layers.` does."""
+    import transformers as tf
+
+    model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                           num_attention_heads=4, word_embed_proj_dim=16, max_position_embeddings=64))
+    assert isinstance(model.model.decoder.project_in, torch.nn.Linear)
+    default = models.lora_target_modules(model, None)
+    assert default == models.lora_target_modules(model, "decoder.layers.")
+    assert not any("project_" in n for n in default) and len(default) == 12
 
 
 def test_lora_with_gradient_checkpointing_backprops_into_adapters(tiny_model_dir):

@@ -23,7 +23,7 @@ from chatrlhf.utils.distributed import barrier, is_local_main_process
 logger = logging.getLogger(__name__)
 
 # Bump when normalisation, rendering or tokenisation changes what a cached entry contains.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: identical pairs dropped; step-owned tokenisation
 STATS_FILE = "chatrlhf_stats.json"
 
 

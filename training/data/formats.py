@@ -19,6 +19,7 @@ JSON list, "row 3" in Parquet, "record 3" (0-based) for anything else.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -264,6 +265,17 @@ def _sharegpt(record):
 
 # ---------------------------------------------------------------- applying them
 
+# The fields the formats above read. A record's other fields travel with its example as `metadata` (a JSON object,
+# None when there are none), e.g. a verifiable task's reference answer for step 3's reward functions.
+FORMAT_FIELDS = frozenset({"prompt", "response", "chosen", "rejected", "instruction", "input", "output", "system",
+                           "history", "messages", "conversations"})
+
+
+def metadata(record: dict) -> str | None:
+    extra = {k: v for k, v in record.items() if k not in FORMAT_FIELDS}
+    return json.dumps(extra, ensure_ascii=False, default=str) if extra else None
+
+
 def _detect(record: Any) -> str:
     if not isinstance(record, dict):
         raise Malformed(f"expected a JSON object, got {type(record).__name__}")
@@ -284,7 +296,8 @@ def detect_format(record: Any, source: str) -> str:
 
 def normalize(records: Iterable[dict] | Located, source: str, data_format: str | None = None,
               skip_malformed: bool = False, require_pairs: bool = False) -> tuple[dict[str, list], dict]:
-    """Converts raw records to example columns {"prompt": [...], "chosen": [...], "rejected": [...]}.
+    """Converts raw records to example columns {"prompt": [...], "chosen": [...], "rejected": [...],
+    "metadata": [...]} (metadata: each record's fields that no format reads, as JSON, or None).
 
     `records` is a plain iterable (its items named "record <i>", 0-based) or a `Located` one from a file reader.
     Returns (columns, stats) with stats {"format", "records", "skipped_malformed"}. A malformed record (or an
@@ -292,7 +305,7 @@ def normalize(records: Iterable[dict] | Located, source: str, data_format: str |
     is counted, the first few are logged, and the count is warned about. require_pairs: a record without a
     rejected response is malformed too (preference data), instead of a single-response example.
     """
-    columns: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
+    columns: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "metadata": []}
     fmt, skipped, n = None, 0, 0
     if data_format is not None and data_format not in FORMATS:
         raise DataFormatError(f"{source}: unknown data format {data_format!r}; known: {', '.join(FORMATS)}")
@@ -306,7 +319,7 @@ def normalize(records: Iterable[dict] | Located, source: str, data_format: str |
                 fmt = FORMATS[data_format or _detect(record)]
             if not isinstance(record, dict):
                 raise Malformed(f"expected a JSON object, got {type(record).__name__}")
-            ex = fmt.convert(record)
+            ex = dict(fmt.convert(record), metadata=metadata(record))
             if require_pairs and ex["rejected"] is None:
                 raise Malformed("missing field 'rejected' (preference data needs a rejected response in every record)")
         except (Malformed, KeyError, TypeError, ValueError, AttributeError) as e:

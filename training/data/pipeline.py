@@ -28,7 +28,8 @@ class StepData:
     tokenize: Callable
     """Batched (batch, tokenizer, max_seq_len, max_prompt_len, overlength, **options) -> columns (tokenize.py)."""
     columns: dict
-    """Output columns besides `length`: {name: "ids" | "string"}; "ids" columns come out as torch tensors."""
+    """Output columns besides `length`: {name: "ids" | "int" | "string"}; "ids" and "int" (one number per record)
+    columns come out as torch tensors."""
     takes_sft_only: bool = False
     """--sft_only_data_path sources go to this step whole (other steps ignore them)."""
     needs_pairs: bool = False
@@ -36,7 +37,7 @@ class StepData:
 
     @property
     def tensor_columns(self) -> list[str]:
-        return [c for c, kind in self.columns.items() if kind == "ids"] + ["length"]
+        return [c for c, kind in self.columns.items() if kind in ("ids", "int")] + ["length"]
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Preference pairs as tokens, for every step that learns from them (the reward model, DPO and its family).
 
 A pair is prompt + chosen + eos and prompt + rejected + eos, under one length budget so that both rows keep
-the same prompt tokens. `length` is the longer row's.
+the same prompt tokens. `length` is the longer row's. Steps that put their loss on the answer tokens only (DPO)
+take `tokenize_pairs_with_prompt_length`, which also records how many of a row's tokens are prompt.
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from chatrlhf.training.data.render import encode_prompts, encode_responses
 from chatrlhf.training.data.tokenize import budget
 
 PAIR_COLUMNS = {"chosen_input_ids": "ids", "rejected_input_ids": "ids"}
+# The pair plus the number of (kept) prompt tokens both rows start with.
+PAIR_PROMPT_COLUMNS = {**PAIR_COLUMNS, "prompt_length": "int"}
 
 
-def tokenize_pairs(batch, tokenizer, max_seq_len, max_prompt_len, overlength):
-    """Batched: normalised pairs -> chosen_input_ids, rejected_input_ids, length (+ the count columns)."""
-    out = {k: [] for k in ("chosen_input_ids", "rejected_input_ids", "length", "_truncated", "_eos_cut")}
+def _tokenize_pairs(batch, tokenizer, max_seq_len, max_prompt_len, overlength, prompt_length: bool):
+    keys = ("chosen_input_ids", "rejected_input_ids") + (("prompt_length",) if prompt_length else ())
+    out = {k: [] for k in keys + ("length", "_truncated", "_eos_cut")}
     prompts = encode_prompts(tokenizer, batch["prompt"])
     chosen, rejected = encode_responses(tokenizer, batch["chosen"]), encode_responses(tokenizer, batch["rejected"])
     for p, c, r in zip(prompts, chosen, rejected):
@@ -30,10 +33,23 @@ def tokenize_pairs(batch, tokenizer, max_seq_len, max_prompt_len, overlength):
         p = p[len(p) - kp:]
         out["chosen_input_ids"].append(p + c[:kr])
         out["rejected_input_ids"].append(p + r[:kr])
+        if prompt_length:
+            out["prompt_length"].append(len(p))
         out["length"].append(len(p) + min(kr, max(len(c), len(r))))
         out["_truncated"].append(cut)
         out["_eos_cut"].append(kr < len(c) or kr < len(r))
     return out
+
+
+def tokenize_pairs(batch, tokenizer, max_seq_len, max_prompt_len, overlength):
+    """Batched: normalised pairs -> chosen_input_ids, rejected_input_ids, length (+ the count columns)."""
+    return _tokenize_pairs(batch, tokenizer, max_seq_len, max_prompt_len, overlength, prompt_length=False)
+
+
+def tokenize_pairs_with_prompt_length(batch, tokenizer, max_seq_len, max_prompt_len, overlength):
+    """`tokenize_pairs` plus prompt_length: the prompt tokens kept at the start of both rows (the answer, with its
+    eos, is everything after them). Same rows, same truncation."""
+    return _tokenize_pairs(batch, tokenizer, max_seq_len, max_prompt_len, overlength, prompt_length=True)
 
 
 @dataclass

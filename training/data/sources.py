@@ -37,7 +37,7 @@ def example_features():
     from datasets import Features, List, Value
 
     return Features({"prompt": List({"role": Value("string"), "content": Value("string")}),
-                     "chosen": Value("string"), "rejected": Value("string")})
+                     "chosen": Value("string"), "rejected": Value("string"), "metadata": Value("string")})
 
 
 @dataclass
@@ -91,7 +91,9 @@ def _open(path: Path):
 def _gzip_error(path: Path, lines_read: int | None, e: Exception) -> DataFormatError:
     """gzip's EOFError / zlib.error / BadGzipFile -> an error naming the file (and how far it was readable)."""
     after = f" after line {lines_read}" if lines_read else ""
-    if isinstance(e, gzip.BadGzipFile) and "Not a gzipped file" in str(e):
+    with open(path, "rb") as f:
+        plain = f.read(2) != b"\x1f\x8b"  # gzip's magic number
+    if plain:
         what = "not a gzip file (rename it without .gz if it is plain text)"
     elif isinstance(e, EOFError):
         what = f"truncated gzip file: it ends{after} before the end of its compressed stream"

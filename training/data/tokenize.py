@@ -33,10 +33,10 @@ def check_lengths(max_seq_len: int, max_prompt_len: int, overlength: str) -> Non
 
 
 def features(columns: dict[str, str]):
-    """A step's output columns ({name: "ids" | "string"}) plus the bookkeeping ones -> datasets Features."""
+    """A step's output columns ({name: "ids" | "int" | "string"}) plus the bookkeeping ones -> datasets Features."""
     from datasets import Features, List, Value
 
-    kinds = {"ids": List(Value("int32")), "string": Value("string")}
+    kinds = {"ids": List(Value("int32")), "int": Value("int32"), "string": Value("string")}
     return Features({**{c: kinds[k] for c, k in columns.items()}, "length": Value("int32"),
                      **{c: Value("bool") for c in COUNT_COLUMNS}})
 

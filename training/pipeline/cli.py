@@ -5,6 +5,7 @@
       --deployment-type single_node --actor-zero-stage 3 --step1-args "--learning_rate 1e-5 --max_seq_len 1024"
   python train.py --deployment-type multi_node --hostfile hostfile --actor-model Qwen/Qwen2.5-7B ...
   python train.py --step 3 --force --step3-args "--ppo_epochs 2"   # rerun PPO on the existing step 1-2 outputs
+  python train.py --step2-method dpo                 # SFT, then DPO on the preference pairs: no reward model, no PPO
 
 Each chosen step runs in a fresh process (`deepspeed` launcher on GPUs, `python -m` on CPU) with flags from a
 recipe (picked by the actor's size and the deployment type; `recipes/`), the wiring between steps, and your
@@ -21,15 +22,16 @@ import shlex
 import sys
 import time
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from chatrlhf.training.pipeline import recipes
+from chatrlhf.training.pipeline import preflight, recipes
 from chatrlhf.training.pipeline.launch import (LAUNCHERS, StepFailed, command, cpu_threads, launcher_for, mark_done,
                                                run_step)
-from chatrlhf.training.pipeline.plan import STEPS, PlanError, build_plan
+from chatrlhf.training.pipeline.plan import STEP2_METHODS, STEPS, PlanError, build_plan
 from chatrlhf.training.pipeline.report import duration, format_table, key_metrics, summary_rows, write_report
+from chatrlhf.utils import lock
 from chatrlhf.utils.config import field_docs
 from chatrlhf.utils.smollm2 import DEFAULT_MODEL_NAME
 
@@ -45,15 +47,18 @@ class PipelineOptions:
     is the field's docstring, so a default is written once, here."""
 
     actor_model: str = DEFAULT_MODEL_NAME
-    """Hugging Face causal LM (hub id or local folder) trained by steps 1 and 3"""
+    """Hugging Face causal LM (hub id or local folder) trained by steps 1 and 3 (or 1 and DPO)"""
     reward_model: str = DEFAULT_MODEL_NAME
     """model the reward model and the critic start from in step 2; must share the actor's tokenizer"""
     deployment_type: Optional[str] = None
     """where to run (default: cpu without an accelerator, else single_gpu)"""
-    step: list[int] = field(default_factory=lambda: [1, 2, 3])
-    """steps to run, in increasing order"""
+    step: Optional[list[int]] = None
+    """steps to run, in increasing order (default: all of them: 1 2 3, or 1 2 with --step2-method dpo)"""
+    step2_method: str = "reward"
+    """what step 2 is: reward (a reward model, then PPO as step 3) or dpo (DPO trains the SFT model on the
+    preference pairs directly: no reward model and no PPO)"""
     output_dir: str = "./output"
-    """root of step1_sft/, step2_reward/, step3_ppo/, logs/ and report.md"""
+    """root of step1_sft/, step2_reward/ (or step2_dpo/), step3_ppo/, logs/ and report.md"""
     actor_zero_stage: Optional[int] = None
     """ZeRO stage of the actor (steps 1 and 3); default: the recipe's"""
     reward_zero_stage: Optional[int] = None
@@ -61,7 +66,17 @@ class PipelineOptions:
     force: bool = False
     """rerun the chosen steps from scratch even when done (drops their checkpoints and metrics)"""
     hostfile: Optional[str] = None
-    """DeepSpeed hostfile for multi_node (one `host slots=N` line per node)"""
+    """DeepSpeed hostfile for multi_node (one `host slots=N` line per node); default: DeepSpeed's /job/hostfile
+    when it exists"""
+    no_ssh: bool = False
+    """multi_node without ssh (DeepSpeed's --no_ssh): run this same command on every node, each with its
+    --node-rank, all with --master-addr"""
+    node_rank: int = 0
+    """with --no-ssh: this node's line in the hostfile, from 0 (node 0 writes the report)"""
+    master_addr: Optional[str] = None
+    """with --no-ssh: the address of node 0, which every node can reach"""
+    master_port: Optional[int] = None
+    """with --no-ssh: the port on node 0 the ranks meet at (default: DeepSpeed's 29500)"""
     num_gpus: Optional[int] = None
     """GPUs per node for single_node/multi_node (default: all); CPU ranks for cpu (default: 1)"""
     recipe: Optional[str] = None
@@ -72,14 +87,15 @@ class PipelineOptions:
     step1_args: str = ""
     """flags for step 1 (SFT), as on its command line; they win over the recipe"""
     step2_args: str = ""
-    """flags for step 2 (reward model), as on its command line; they win over the recipe"""
+    """flags for step 2 (reward model, or DPO with --step2-method dpo), as on its command line; they win over the
+    recipe"""
     step3_args: str = ""
     """flags for step 3 (PPO), as on its command line; they win over the recipe"""
     launcher: str = "auto"
     """advanced: how steps start (auto: deepspeed on GPUs, python -m on CPU; inprocess: run(config) in this
     process)"""
     report_samples: int = 4
-    """held-out prompts answered by the SFT and RLHF models in the report (0: none)"""
+    """held-out prompts answered by the SFT model and the final (RLHF or DPO) model in the report (0: none)"""
     dry_run: bool = False
     """check everything and print the commands; run nothing"""
     command: str = ""
@@ -87,17 +103,51 @@ class PipelineOptions:
 
 
 NOT_FLAGS = ("command",)
-CHOICES = {"deployment_type": recipes.DEPLOYMENTS, "step": sorted(STEPS), "actor_zero_stage": range(4),
-           "reward_zero_stage": range(4), "launcher": LAUNCHERS}
+CHOICES = {"deployment_type": recipes.DEPLOYMENTS, "step": sorted({s.number for s in STEPS.values()}),
+           "step2_method": tuple(STEP2_METHODS), "launcher": LAUNCHERS}
+# DeepSpeed-Chat's e2e_rlhf.py: an OPT size stands for facebook/opt-<size>; "" as a ZeRO stage is the script's own.
+OPT_SIZES = ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")
+DEFAULT_HOSTFILE = "/job/hostfile"  # what the deepspeed launcher reads without --hostfile (DLTS_HOSTFILE)
+
+
+def _zero_stage(text: str) -> int | None:
+    """--actor-zero-stage / --reward-zero-stage: 0-3, or "" (DeepSpeed-Chat's default) for the recipe's."""
+    if text.strip() == "":
+        return None
+    if text.strip() not in ("0", "1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from 0, 1, 2, 3, or '' for the recipe's)")
+    return int(text)
+
+
+def opt_model(name: str) -> str:
+    """DeepSpeed-Chat's size shorthand: `1.3b` -> `facebook/opt-1.3b` (an existing folder of that name wins)."""
+    return f"facebook/opt-{name}" if name.lower() in OPT_SIZES and not Path(name).exists() else name
+
+
+# What DeepSpeed-Chat's e2e_rlhf.py runs when a flag is left out (e2e_rlhf.py here keeps these; train.py has ours).
+E2E_DEFAULTS = {"--actor-model": "1.3b", "--reward-model": "350m", "--deployment-type": "single_gpu"}
+
+
+def e2e_argv(argv: list[str]) -> list[str]:
+    """e2e_rlhf.py's command line for the pipeline: DeepSpeed-Chat's defaults for the options it leaves out."""
+    given = {a.split("=")[0] for a in argv}
+    return [w for flag, value in E2E_DEFAULTS.items() if flag not in given for w in (flag, value)] + list(argv)
+
+
+def dschat_size(name: str) -> str | None:
+    """The OPT size DeepSpeed-Chat names output folders by (`facebook/opt-1.3b` -> `1.3b`), else None."""
+    size = name.lower().removeprefix("facebook/opt-")
+    return size if size in OPT_SIZES else None
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of PipelineOptions: one flag per field, typed by its annotation."""
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Runs step 1 (SFT), step 2 (reward model) and step 3 (PPO with a critic) in order.",
+        description="Runs step 1 (SFT), step 2 (reward model) and step 3 (PPO with a critic) in order; with "
+                    "--step2-method dpo, step 1 (SFT) then step 2 (DPO).",
         epilog="Override any value of a step with its own flag names (see `python -m chatrlhf.training.step1_sft "
-               "--help`, step2_reward, step3_ppo):\n  --step1-args \"--learning_rate 1e-5 --max_seq_len 256\"\n"
+               "--help`, step2_reward, step2_dpo, step3_ppo):\n  --step1-args \"--learning_rate 1e-5 --max_seq_len 256\"\n"
                "  --step3-args \"--actor_lora_dim 8 --kl_coef 0.1\"\n  --common-args \"--data_path my.jsonl "
                "--dtype bf16\"   (each step takes the flags it has)\nRecipes: " + str(recipes.recipe_dir()))
     docs, hints = field_docs(PipelineOptions), typing.get_type_hints(PipelineOptions)
@@ -113,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs = {"default": default, "help": docs[f.name].replace("%", "%%") + shown}
         if tp is bool:
             kwargs["action"] = "store_true"
+        elif f.name in ("actor_zero_stage", "reward_zero_stage"):
+            kwargs.update(type=_zero_stage, metavar="{0,1,2,3}")
         elif typing.get_origin(tp) is list:
             kwargs.update(nargs="+", type=typing.get_args(tp)[0])
         else:
@@ -142,7 +194,8 @@ def parse_options(argv: list[str] | None = None) -> PipelineOptions:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = vars(build_parser().parse_args(_attach_flag_values(argv)))
     opts = PipelineOptions(**{f.name: args[f.name] for f in fields(PipelineOptions) if f.name in args})
-    prog = "python train.py" if Path(sys.argv[0]).name == "train.py" else PROG
+    opts.actor_model, opts.reward_model = opt_model(opts.actor_model), opt_model(opts.reward_model)
+    prog = f"python {Path(sys.argv[0]).name}" if Path(sys.argv[0]).name in ("train.py", "e2e_rlhf.py") else PROG
     opts.command = " ".join([prog] + [shlex.quote(a) for a in argv])
     return opts
 
@@ -157,10 +210,17 @@ def check_options(opts: PipelineOptions) -> None:
     """Refuses wrong values before anything starts (argparse checks choices; the Python API comes here too)."""
     if opts.deployment_type not in (None,) + recipes.DEPLOYMENTS:
         raise PlanError(f"unknown deployment type {opts.deployment_type!r}; accepted: {', '.join(recipes.DEPLOYMENTS)}")
+    if opts.step2_method not in STEP2_METHODS:
+        raise PlanError(f"--step2-method must be one of {', '.join(STEP2_METHODS)}, got {opts.step2_method!r}")
+    path = list(STEP2_METHODS[opts.step2_method])
+    if opts.step is None:
+        opts.step = path
     steps = list(opts.step)
-    if not steps or any(s not in STEPS for s in steps) or steps != sorted(set(steps)):
-        raise PlanError(f"--step takes steps from {sorted(STEPS)} in increasing order without repeats "
-                        f"(e.g. --step 1 2 3, --step 2 3), got {' '.join(map(str, steps)) or 'nothing'}")
+    if not steps or any(s not in path for s in steps) or steps != sorted(set(steps)):
+        with_method = "" if opts.step2_method == "reward" else f" with --step2-method {opts.step2_method}"
+        raise PlanError(f"--step takes steps from {path}{with_method} in increasing order without repeats "
+                        f"(e.g. --step {' '.join(map(str, path))}, --step {' '.join(map(str, path[1:]))}), got "
+                        f"{' '.join(map(str, steps)) or 'nothing'}")
     for name in ("actor_zero_stage", "reward_zero_stage"):
         if getattr(opts, name) not in (None, 0, 1, 2, 3):
             raise PlanError(f"--{name.replace('_', '-')} must be 0, 1, 2 or 3, got {getattr(opts, name)}")
@@ -170,10 +230,20 @@ def check_options(opts: PipelineOptions) -> None:
         raise PlanError(f"--num-gpus must be >= 1, got {opts.num_gpus}")
     if opts.deployment_type == "multi_node":
         if not opts.hostfile:
-            raise PlanError("multi_node needs --hostfile (one `hostname slots=N` line per node; "
-                            "see applications/hostfile.example)")
+            raise PlanError("multi_node needs --hostfile (one `hostname slots=N` line per node; see "
+                            f"applications/hostfile.example), or DeepSpeed's default {DEFAULT_HOSTFILE}, which is "
+                            "not on this machine")
         if not Path(opts.hostfile).is_file():
             raise PlanError(f"--hostfile: no such file {opts.hostfile}")
+    if opts.no_ssh:
+        if opts.deployment_type != "multi_node":
+            raise PlanError("--no-ssh is for --deployment-type multi_node")
+        if not opts.master_addr:
+            raise PlanError("--no-ssh needs --master-addr, the address of node 0 (with ssh DeepSpeed asks node 0)")
+        if opts.node_rank < 0:
+            raise PlanError(f"--node-rank must be >= 0, got {opts.node_rank}")
+    elif opts.node_rank or opts.master_addr or opts.master_port:
+        raise PlanError("--node-rank, --master-addr and --master-port go with --no-ssh")
     for option in ("actor_model", "reward_model"):
         name = getattr(opts, option)
         path = Path(name).expanduser()
@@ -199,9 +269,41 @@ def _recipe_file(opts: PipelineOptions, num_params: float, deployment: str) -> P
     return path
 
 
+def dschat_defaults(opts: PipelineOptions) -> None:
+    """What DeepSpeed-Chat's e2e_rlhf.py fills in: OPT sizes as model names, DeepSpeed's default hostfile."""
+    opts.actor_model, opts.reward_model = opt_model(opts.actor_model), opt_model(opts.reward_model)
+    if opts.deployment_type == "multi_node" and not opts.hostfile and Path(DEFAULT_HOSTFILE).is_file():
+        opts.hostfile = DEFAULT_HOSTFILE
+
+
+def dschat_inputs(opts: PipelineOptions) -> list[str]:
+    """`--step 3` without steps 1 or 2 on an output folder laid out by DeepSpeed-Chat's e2e_rlhf.py
+    (`actor-models/<size>`, `reward-models/<size>`) and not by chatrlhf: start step 3 from those models.
+    Adds them to opts.step3_args; returns what was used."""
+    out = Path(opts.output_dir).expanduser()
+    used = []
+    for n, ours, theirs, name, flag in ((1, "step1_sft", "actor-models", opts.actor_model, "actor_model_name_or_path"),
+                                        (2, "step2_reward", "reward-models", opts.reward_model,
+                                         "critic_model_name_or_path")):
+        steps = opts.step if opts.step is not None else [1, 2, 3]
+        if 3 not in steps or n in steps or f"--{flag}" in opts.step3_args:
+            continue
+        if (out / ours / "config.json").is_file():
+            continue
+        size = dschat_size(name)
+        found = [out / theirs / size] if size else sorted(p for p in (out / theirs).glob("*") if p.is_dir())
+        if len(found) == 1 and (found[0] / "config.json").is_file():
+            opts.step3_args = f"{opts.step3_args} --{flag} {shlex.quote(str(found[0]))}".strip()
+            used.append(str(found[0]))
+    return used
+
+
 def prepare(opts: PipelineOptions):
     """Checks everything and returns (plan, deployment, launcher); raises PlanError."""
+    dschat_defaults(opts)
     check_options(opts)
+    for path in dschat_inputs(opts):
+        say(f"step 3 starts from DeepSpeed-Chat's output layout: {path}")
     deployment = opts.deployment_type or default_deployment()
     summaries = {}
     for option in ("actor_model", "reward_model"):
@@ -217,6 +319,9 @@ def prepare(opts: PipelineOptions):
         plan = build_plan(opts, actor, reward, recipe)
     except (ValueError, OSError) as e:
         raise PlanError(str(e)) from None
+    # Models, tokenizers, data, resumes, output folder, disk and memory: all before step 1 (PlanError lists all).
+    for note in preflight.run_all(plan, opts, deployment).notes:
+        say(note)
     return plan, deployment, launcher_for(deployment, opts.launcher, opts.num_gpus)
 
 
@@ -229,16 +334,26 @@ def run_pipeline(opts: PipelineOptions) -> dict:
     Raises PlanError (nothing started) or StepFailed."""
     began = time.time()
     plan, deployment, launcher = prepare(opts)
-    say(f"actor {opts.actor_model} ({recipes.human_size(plan.actor['num_params'])}), reward model "
-        f"{opts.reward_model} ({recipes.human_size(plan.reward['num_params'])}); {deployment}; recipe {plan.recipe}")
+    second = ("step 2 DPO (no reward model, no PPO)" if opts.step2_method == "dpo" else
+              f"reward model {opts.reward_model} ({recipes.human_size(plan.reward['num_params'])})")
+    say(f"actor {opts.actor_model} ({recipes.human_size(plan.actor['num_params'])}), {second}; {deployment}; "
+        f"recipe {plan.recipe}")
+    no_ssh = ["--no_ssh", "--node_rank", str(opts.node_rank), "--master_addr", opts.master_addr] + (
+        ["--master_port", str(opts.master_port)] if opts.master_port else []) if opts.no_ssh else []
     cmds = {p.step.number: None if launcher == "inprocess" else
-            command(p, deployment, launcher, num_gpus=opts.num_gpus, hostfile=opts.hostfile) for p in plan.steps}
+            command(p, deployment, launcher, num_gpus=opts.num_gpus, hostfile=opts.hostfile, launcher_args=no_ssh)
+            for p in plan.steps}
     if opts.dry_run:
         for p in plan.steps:
             say(f"step {p.step.number} ({p.step.title}) -> {p.output_dir}\n    "
                 + (" ".join(map(shlex.quote, cmds[p.step.number])) if cmds[p.step.number] else "in-process")
                 + f"\n    with {p.args_file} (not written by --dry-run): {p.flags}")
         return {"steps": {}, "report": None, "plan": plan}
+    try:  # held until this process ends (however it ends): one pipeline per output root (node 0's, with --no-ssh)
+        if not opts.node_rank:
+            lock.acquire(plan.output_dir, preflight.PIPELINE_LOCK, what="pipeline run")
+    except lock.DirectoryLocked as e:
+        raise PlanError(str(e)) from None
 
     env = {}
     if launcher == "python" and deployment == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -257,7 +372,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
             if reran:
                 say(f"  note: an earlier step was rerun; step {n} still holds results built from its old output")
             results[n] = {"wall_time_s": done.get("wall_time_s"), "skipped": True,
-                          "metrics": key_metrics(n, p.output_dir)}
+                          "metrics": key_metrics(p.step.name, p.output_dir)}
             continue
         if opts.force:
             _clear(p)
@@ -265,12 +380,15 @@ def run_pipeline(opts: PipelineOptions) -> dict:
             say(f"step {n} ({p.step.title}): not finished earlier; resuming from {p.output_dir / 'checkpoints'}")
         say(f"step {n} ({p.step.title}) -> {p.output_dir}; log {p.log}")
         wall = run_step(p, cmds[n], env)
-        metrics = key_metrics(n, p.output_dir)
+        metrics = key_metrics(p.step.name, p.output_dir)
         mark_done(p, wall, metrics)
         results[n] = {"wall_time_s": wall, "skipped": False, "metrics": metrics}
         reran = True
         say(f"step {n} ({p.step.title}) done in {wall:.0f} s")
 
+    if opts.node_rank > 0:
+        say(f"node {opts.node_rank} done; node 0 writes the report")
+        return {"steps": results, "report": None, "plan": plan}
     start = time.time()
     with _threads(env.get("OMP_NUM_THREADS")):
         report = write_report(plan, results, command=opts.command or "run_pipeline(...)", deployment=deployment,

@@ -44,15 +44,17 @@ def launcher_for(deployment: str, launcher: str, num_gpus: int | None) -> str:
 
 
 def command(plan: StepPlan, deployment: str, launcher: str, *, num_gpus: int | None = None,
-            hostfile: str | None = None) -> list[str]:
-    """The command line that runs `plan` (flags from its args file)."""
+            hostfile: str | None = None, launcher_args: list[str] = ()) -> list[str]:
+    """The command line that runs `plan` (flags from its args file); `launcher_args` go to the deepspeed launcher
+    of multi_node (e.g. --no_ssh --node_rank 1 --master_addr 10.0.0.1)."""
     target = ["--module", plan.step.module, "--config", str(plan.args_file)]
     if launcher == "python":
         return [sys.executable, "-m", plan.step.module, "--config", str(plan.args_file)]
     exe = shutil.which("deepspeed")
     ds = [sys.executable, exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
     if deployment == "multi_node":
-        return ds + ["--hostfile", str(hostfile)] + (["--num_gpus", str(num_gpus)] if num_gpus else []) + target
+        return (ds + ["--hostfile", str(hostfile)] + (["--num_gpus", str(num_gpus)] if num_gpus else [])
+                + list(launcher_args) + target)
     count = 1 if deployment == "single_gpu" else num_gpus  # single_node/cpu: all local devices unless given
     return ds + (["--num_gpus", str(count)] if count else []) + ["--master_port", str(_free_port())] + target
 
@@ -226,6 +228,22 @@ def hints(plan: StepPlan, tail: str) -> str:
     """What usually fixes a failing step, with this step's own flag names."""
     n = plan.step.number
     opt = f"--step{n}-args"
+    where = f"  - the full output is in {plan.log}; the flags the step ran with are in {plan.args_file}"
+    if "NonFiniteError" in tail:
+        lr = "--actor_learning_rate 5e-6 --critic_learning_rate 2e-6" if n == 3 else "--learning_rate 1e-5"
+        return ("Hints (the training diverged; nothing was saved from the broken state):\n"
+                f"  - a lower learning rate and some warmup: {opt} \"{lr} --num_warmup_steps 10\"\n"
+                f"  - rerun with --force to start the step over, or add --resume_with_changes to {opt} to continue "
+                f"from its last good checkpoint with the new settings\n{where}")
+    if "ResumeRefused" in tail or "was written by a run with other settings" in tail:
+        return ("Hints (the step's checkpoint belongs to a run with other settings):\n"
+                f"  - --force reruns the step from scratch; another --output-dir keeps both; {opt} "
+                f"\"--resume_with_changes\" continues the old run with the new settings\n{where}")
+    if "chatrlhf watchdog" in tail:
+        return ("Hints (a rank stopped making progress; see the watchdog's diagnosis above):\n"
+                "  - a rank killed by the kernel (out of host memory: dmesg), a stopped or swapped-out process, or "
+                f"a collective that one rank skipped\n  - raise the timeout if a step is that slow: {opt} "
+                f"\"--hang_timeout 3600\"\n{where}")
     if n == 3:
         batch = "--per_device_generation_batch_size 4 --per_device_training_batch_size 4"
         stage, lora = "--actor-zero-stage 3 --reward-zero-stage 3", "--actor_lora_dim 64 --only_optimize_lora"

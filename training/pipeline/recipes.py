@@ -1,11 +1,12 @@
 """Recipes: YAML files of flag values per step, picked by model size and deployment type.
 
-A recipe file (`recipes/<size>_<deployment>.yaml`, shipped with the package) has up to four sections, each a
-mapping of flag names (as in each step's `--help`) to values:
+A recipe file (`recipes/<size>_<deployment>.yaml`, shipped with the package) has up to five sections, each a
+mapping of flag names (as in each step's `--help`) to values (`step2_dpo`: step 2 with `--step2-method dpo`):
 
     common: {dtype: bf16}          # every step
     step1: {per_device_train_batch_size: 8, ...}
-    step2: {...}
+    step2: {...}                   # the reward model
+    step2_dpo: {...}               # DPO, when it replaces steps 2-3
     step3: {...}
 
 The size bucket comes from the actor's parameter count, read from its config alone (the model is built on the
@@ -24,7 +25,7 @@ from chatrlhf.utils.config import read_yaml
 logger = logging.getLogger(__name__)
 
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node", "cpu")
-SECTIONS = ("common", "step1", "step2", "step3")
+SECTIONS = ("common", "step1", "step2", "step2_dpo", "step3")
 # (bucket, largest parameter count it takes); the last bucket takes everything bigger.
 SIZE_BUCKETS = (("small", 500e6), ("1b", 3e9), ("7b", float("inf")))
 # A recipe value "{last_block}" becomes the name prefix of the model's last transformer block (e.g.
@@ -86,7 +87,7 @@ def model_summary(name_or_path: str) -> dict:
     from chatrlhf.utils.smollm2 import resolve_model_path
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise OSError(f"cannot read the model config of {name_or_path!r}: {e}") from None
     try:

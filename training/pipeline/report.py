@@ -1,22 +1,29 @@
 """The end of a pipeline run: a summary table on the console and `<output>/report.md` with PNG plots and sample
-answers of the SFT and RLHF models side by side (greedy, scored by the reward model)."""
+answers of the SFT and the final model side by side (greedy): the RLHF actor, scored by the reward model, or with
+`--step2-method dpo` the DPO model."""
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
 
-from chatrlhf.training.pipeline.plan import STEPS, Plan
+from chatrlhf.training.pipeline.plan import Plan
+from chatrlhf.training.steps import Step
 from chatrlhf.utils.logging import read_metrics
 
 logger = logging.getLogger(__name__)
 
-# Per step: (metric key, label, format) shown as "before -> after" (first and last evaluation of the run).
+# Per step name: (metric key, label, format) shown as "before -> after" (first and last evaluation of the run).
 KEY_METRICS = {
-    1: [("eval/perplexity", "eval perplexity", "{:.2f}")],
-    2: [("eval/accuracy", "held-out pairwise accuracy", "{:.3f}")],
-    3: [("eval/score_mean", "held-out reward score", "{:+.3f}"), ("eval/kl", "held-out KL to SFT (nats)", "{:.2f}"),
-        ("eval/response_length", "answer length (tokens)", "{:.1f}")],
+    "step1_sft": [("eval/perplexity", "eval perplexity", "{:.2f}")],
+    "step2_reward": [("eval/accuracy", "held-out pairwise accuracy", "{:.3f}")],
+    "step2_dpo": [("eval/accuracy", "held-out preference accuracy (implicit reward; ties half)", "{:.3f}"),
+                  ("eval/logprob_accuracy", "held-out log-prob accuracy (chosen more likely)", "{:.3f}"),
+                  ("eval/chosen_logprob", "log-prob of the held-out chosen answers", "{:.2f}"),
+                  ("eval/kl_chosen", "KL to SFT on the chosen answers (nats)", "{:.2f}")],
+    "step3_ppo": [("eval/score_mean", "held-out reward score", "{:+.3f}"),
+                  ("eval/kl", "held-out KL to SFT (nats)", "{:.2f}"),
+                  ("eval/response_length", "answer length (tokens)", "{:.1f}")],
 }
 
 
@@ -33,8 +40,8 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def key_metrics(step: int, output_dir: Path) -> dict[str, list[float]]:
-    """{key: [before, after]} of the step's key metrics."""
+def key_metrics(step: str, output_dir: Path) -> dict[str, list[float]]:
+    """{key: [before, after]} of the key metrics of the step named `step` (e.g. step2_dpo)."""
     records = metrics_by_step(output_dir)
     out = {}
     for key, _, _ in KEY_METRICS[step]:
@@ -54,11 +61,12 @@ def duration(seconds: float | None) -> str:
 def summary_rows(plan: Plan, results: dict) -> list[list[str]]:
     """[step, wall time, metric, before, after] rows; results: {step: {"wall_time_s", "skipped", "metrics"}}."""
     rows = []
+    steps = {p.step.number: p.step for p in plan.steps}
     for n, res in sorted(results.items()):
-        name = f"{n} {STEPS[n].title}"
+        name = f"{n} {steps[n].title}"
         wall = duration(res.get("wall_time_s")) + (" (earlier run)" if res.get("skipped") else "")
         first = True
-        for key, label, fmt in KEY_METRICS[n]:
+        for key, label, fmt in KEY_METRICS[steps[n].name]:
             if key not in res["metrics"]:
                 continue
             before, after = res["metrics"][key]
@@ -90,7 +98,7 @@ def running_mean(values: list[float], window: int) -> list[float]:
             for i in range(len(values))]
 
 
-def plot_step(n: int, output_dir: Path, png: Path) -> bool:
+def plot_step(step: Step, output_dir: Path, png: Path) -> bool:
     """Writes the step's curves to `png`; False when there is nothing to plot."""
     records = metrics_by_step(output_dir)
     if not records:
@@ -101,14 +109,21 @@ def plot_step(n: int, output_dir: Path, png: Path) -> bool:
     import matplotlib.pyplot as plt
 
     panels = {
-        1: [("training loss", [("train/loss", "train loss", "-")]),
-            ("eval perplexity", [("eval/perplexity", "held-out", "o-")])],
-        2: [("pairwise accuracy", [("train/accuracy", "train", "-"), ("eval/accuracy", "held-out", "o-")]),
-            ("loss", [("train/loss", "train", "-"), ("eval/loss", "held-out", "o-")])],
-        3: [("reward-model score", [("objective/scores", "rollouts", "-"), ("eval/score_mean", "held-out", "o-")]),
-            ("KL to the SFT model (nats per answer)",
-             [("objective/kl", "rollouts", "-"), ("eval/kl", "held-out", "o-")])],
-    }[n]
+        "step1_sft": [("training loss", [("train/loss", "train loss", "-")]),
+                      ("eval perplexity", [("eval/perplexity", "held-out", "o-")])],
+        "step2_reward": [("pairwise accuracy", [("train/accuracy", "train", "-"), ("eval/accuracy", "held-out", "o-")]),
+                         ("loss", [("train/loss", "train", "-"), ("eval/loss", "held-out", "o-")])],
+        "step2_dpo": [("preference accuracy (implicit reward)",
+                       [("train/accuracy", "train", "-"), ("eval/accuracy", "held-out", "o-"),
+                        ("eval/logprob_accuracy", "held-out, log-prob", "s--")]),
+                      ("loss", [("train/loss", "train", "-"), ("eval/loss", "held-out", "o-")]),
+                      ("held-out log-probabilities (nats per answer)",
+                       [("eval/chosen_logprob", "chosen", "o-"), ("eval/rejected_logprob", "rejected", "o-")])],
+        "step3_ppo": [("reward-model score",
+                       [("objective/scores", "rollouts", "-"), ("eval/score_mean", "held-out", "o-")]),
+                      ("KL to the SFT model (nats per answer)",
+                       [("objective/kl", "rollouts", "-"), ("eval/kl", "held-out", "o-")])],
+    }[step.name]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6))
     for ax, (title, lines) in zip(axes, panels):
         for key, label, style in lines:
@@ -121,14 +136,14 @@ def plot_step(n: int, output_dir: Path, png: Path) -> bool:
                         label=f"{label}, smoothed")
             else:
                 ax.plot(x, y, style, label=label, markersize=4)
-        if n == 2 and title.startswith("pairwise"):
+        if step.number == 2 and "accuracy" in title:
             ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
         ax.set_title(title)
-        ax.set_xlabel("PPO step" if n == 3 else "optimizer step")
+        ax.set_xlabel("PPO step" if step.number == 3 else "optimizer step")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.suptitle(f"step {n}: {STEPS[n].title}")
+    fig.suptitle(f"step {step.number}: {step.title}")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
@@ -151,19 +166,43 @@ def heldout_prompts(plan_flags: dict, tokenizer_path: str, n: int) -> list:
 
 
 def sample_answers(plan: Plan, n: int) -> list[dict]:
-    """compare(SFT model, RLHF actor) on `n` held-out prompts, greedy, with the reward model's scores; answers as
-    long as step 3's (at most 128 tokens)."""
+    """compare(SFT model, final model) on `n` held-out prompts, greedy. RLHF path: the step-3 actor, with the reward
+    model's scores, answers as long as step 3's (at most 128 tokens). DPO path: the DPO model on the prompts of its
+    own held-out pairs, no scores (there is no reward model), at most 128 tokens."""
     from chatrlhf.inference.prompt_eval import compare
     from chatrlhf.training.config import GenerationArgs
 
-    step3 = next(p for p in plan.steps if p.step.number == 3)
-    flags = step3.flags
+    last = final_step(plan)
+    flags = last.flags
+    if last.step.name == "step2_dpo":
+        from chatrlhf.training.step2_dpo.config import DPOConfig
+        from chatrlhf.training.step2_dpo.data import heldout_prompts as dpo_prompts
+        from chatrlhf.utils.config import from_flat
+        from chatrlhf.utils.models import load_tokenizer
+
+        sft = flags["model_name_or_path"]
+        prompts = dpo_prompts(from_flat(DPOConfig, flags), load_tokenizer(sft), n)
+        return compare(sft, str(last.output_dir), prompts, max_new_tokens=128,
+                       gen_args=GenerationArgs(do_sample=False), dtype=flags.get("dtype", "auto"),
+                       batch_size=max(n, 1))
     prompts = heldout_prompts(flags, flags["actor_model_name_or_path"], n)
     reward = flags.get("reward_model_name_or_path") or flags["critic_model_name_or_path"]
     max_new_tokens = min(int(flags.get("max_answer_seq_len", 128)), 128)
-    return compare(flags["actor_model_name_or_path"], str(step3.output_dir / "actor"), prompts, reward_model=reward,
+    return compare(flags["actor_model_name_or_path"], str(last.output_dir / "actor"), prompts, reward_model=reward,
                    max_new_tokens=max_new_tokens, gen_args=GenerationArgs(do_sample=False),
                    dtype=flags.get("dtype", "auto"), batch_size=max(n, 1))
+
+
+def final_step(plan: Plan):
+    """The StepPlan whose model the pipeline ends with (step 3's actor, or DPO's model), if it was chosen."""
+    return next((p for p in plan.steps if p.step.name in ("step3_ppo", "step2_dpo")), None)
+
+
+def final_model_dir(plan: Plan) -> Path | None:
+    last = final_step(plan)
+    if last is None:
+        return None
+    return last.output_dir / "actor" if last.step.name == "step3_ppo" else last.output_dir
 
 
 def _last_user(prompt) -> str:
@@ -176,9 +215,9 @@ def _last_user(prompt) -> str:
         f" *(after {earlier} earlier turns)*" if earlier > 0 else "")
 
 
-def samples_markdown(records: list[dict]) -> str:
+def samples_markdown(records: list[dict], final: str = "RLHF model (step 3)", short: str = "RLHF") -> str:
     cell = lambda c: (str(c).strip() or "(empty answer)").replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
-    out = ["| prompt (last user turn) | SFT model (step 1) | RLHF model (step 3) |", "|---|---|---|"]
+    out = [f"| prompt (last user turn) | SFT model (step 1) | {final} |", "|---|---|---|"]
     for r in records:
         score = lambda name: f"<br>**score {r[name + '_score']:+.3f}**" if name + "_score" in r else ""  # noqa: E731
         out.append(f"| {cell(_last_user(r['prompt']))} | {cell(r['baseline'])}{score('baseline')} | "
@@ -186,7 +225,7 @@ def samples_markdown(records: list[dict]) -> str:
     if records and "baseline_score" in records[0]:
         mean = lambda name: sum(r[name + "_score"] for r in records) / len(records)  # noqa: E731
         out.append(f"\nMean reward-model score on these {len(records)} prompts: SFT {mean('baseline'):+.3f}, "
-                   f"RLHF {mean('finetune'):+.3f}.")
+                   f"{short} {mean('finetune'):+.3f}.")
     return "\n".join(out)
 
 
@@ -197,36 +236,44 @@ def write_report(plan: Plan, results: dict, *, command: str, deployment: str, sa
 
     out = plan.output_dir
     rows = summary_rows(plan, results)
+    dpo = plan.step2_method == "dpo"
+    models = (f"- models: actor `{plan.actor['name']}` ({human_size(plan.actor['num_params'])} parameters), "
+              + ("trained by SFT then DPO (no reward model, no PPO)" if dpo else
+                 f"reward model `{plan.reward['name']}` ({human_size(plan.reward['num_params'])})"))
     lines = ["# chatrlhf pipeline report", "",
              f"- command: `{command}`",
-             f"- models: actor `{plan.actor['name']}` ({human_size(plan.actor['num_params'])} parameters), reward "
-             f"model `{plan.reward['name']}` ({human_size(plan.reward['num_params'])})",
+             models,
              f"- deployment: {deployment}; recipe: `{plan.recipe}`",
              "- step outputs: " + ", ".join(f"`{p.output_dir}`" for p in plan.steps), "",
              "## Summary", "", markdown_table(rows), "",
-             "Before and after are each step's first and last evaluation on its held-out split: for step 3, the SFT "
-             "model's and the RLHF model's answers (sampled as in training) to the same held-out prompts, scored by "
-             "the step-2 reward model, with their KL to the SFT model.", ""]
+             "Before and after are each step's first and last evaluation on its held-out split: "
+             + ("for DPO, on its held-out preference pairs, the implicit reward beta * log(policy / SFT) of the "
+                "chosen answer against the rejected one's (before training every reward is 0: a tie, counted "
+                "half), the policy's own log-probabilities (do both answers' fall?) and its KL to the SFT model on "
+                "the chosen answers." if dpo else
+                "for step 3, the SFT model's and the RLHF model's answers (sampled as in training) to the same "
+                "held-out prompts, scored by the step-2 reward model, with their KL to the SFT model."), ""]
     for p in plan.steps:
         n = p.step.number
         png = out / "report" / f"step{n}.png"
         lines += [f"## Step {n}: {p.step.title}", ""]
-        if plot_step(n, p.output_dir, png):
+        if plot_step(p.step, p.output_dir, png):
             lines += [f"![step {n}]({png.relative_to(out).as_posix()})", ""]
         else:
             lines += ["(no metrics recorded)", ""]
         lines += [f"Log: `{p.log}`; flags: `{p.args_file}`.", ""]
-    chosen = {p.step.number for p in plan.steps}
-    if samples > 0 and 3 in chosen and (plan.steps[-1].output_dir / "actor" / "config.json").is_file():
+    final = final_model_dir(plan)
+    if samples > 0 and final is not None and (final / "config.json").is_file():
+        label, short = ("DPO model (step 2)", "DPO") if dpo else ("RLHF model (step 3)", "RLHF")
         lines += ["## Sample answers on held-out prompts", "",
-                  "Greedy decoding; scores from the step-2 reward model (higher is preferred).", ""]
+                  ("Greedy decoding, on prompts of DPO's held-out pairs (no reward model scores them)." if dpo else
+                   "Greedy decoding; scores from the step-2 reward model (higher is preferred)."), ""]
         try:
-            lines += [samples_markdown(sample_answers(plan, samples)), ""]
+            lines += [samples_markdown(sample_answers(plan, samples), label, short), ""]
         except Exception as e:  # noqa: BLE001 - the report is still useful without samples
             logger.warning("sample answers failed: %s", e)
             lines += [f"(sample answers failed: {type(e).__name__}: {e})", ""]
-        actor = plan.steps[-1].output_dir / "actor"
-        lines += ["Chat with the RLHF model:", "", "```bash", f"python -m chatrlhf.inference.chatbot --path {actor}",
+        lines += [f"Chat with the {short} model:", "", "```bash", f"python -m chatrlhf.inference.chatbot --path {final}",
                   "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chatrlhf.training.config import DataArgs, DSChatArgs, EngineArgs, ModelArgs, OptimArgs, TrainArgs
+from chatrlhf.training.config import (DataArgs, DSChatArgs, EngineArgs, ModelArgs, OptimArgs, TrainArgs,
+                                      apply_dschat)
 from chatrlhf.utils.config import group
 
 
@@ -19,3 +20,6 @@ class SFTConfig:
     dschat: DSChatArgs = group(DSChatArgs)
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: answer tokens and the closing EOS only)."""
+
+    def __post_init__(self):
+        apply_dschat(self)

@@ -8,7 +8,9 @@ Flags: `--help`; recipes: applications/recipes/. Parse -> build -> train -> save
 """
 from __future__ import annotations
 
+from chatrlhf.training import memory_plan
 from chatrlhf.training.builders import build_trained_model, start_run
+from chatrlhf.training.dschat import print_notice
 from chatrlhf.training.data.pipeline import load_phase_data
 from chatrlhf.training.loop import total_optimizer_steps
 from chatrlhf.training.step1_sft import trainer
@@ -21,12 +23,13 @@ from chatrlhf.utils.models import load_tokenizer
 
 def run(cfg: SFTConfig) -> dict:
     """Trains and saves; returns the final evaluation metrics."""
-    logger = start_run(cfg.train)
+    logger = start_run(cfg.train, cfg)
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
     data = load_phase_data(cfg.data, SFT_DATA, tokenizer, seed=cfg.train.seed, max_seq_len=cfg.train.max_seq_len,
                            train_on_prompt=cfg.train_on_prompt)
     print0(f"step 1: {len(data.train)} training and {len(data.eval)} eval examples; {data.stats}")
     total_steps = total_optimizer_steps(len(data.train), cfg.train, cfg.optim.gradient_accumulation_steps)
+    memory_plan.check_supervised(cfg, head="causal_lm", title="step 1")
     engine = build_trained_model(cfg.model, cfg.optim, cfg.engine, tokenizer, head="causal_lm",
                                  micro_batch_size=cfg.train.per_device_train_batch_size, total_steps=total_steps)
     save_config(cfg, cfg.train.output_dir)
@@ -38,7 +41,9 @@ def run(cfg: SFTConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse_config(SFTConfig, argv))
+    cfg = parse_config(SFTConfig, argv)
+    print_notice("step1", SFTConfig, cfg, argv)  # DeepSpeed-Chat flags that work differently here
+    return run(cfg)
 
 
 if __name__ == "__main__":

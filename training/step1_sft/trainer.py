@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from chatrlhf.training.loop import eval_loader, fit_supervised
 from chatrlhf.utils import distributed as dist
+from chatrlhf.utils.logging import print0
 
 
 def token_losses(engine, batch: dict, fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +47,10 @@ def evaluate(engine, dataset, collate_fn, batch_size: int, max_batches: int, fp3
         total += torch.stack([loss_sum.double(), n.double()])
     engine.train()
     total = dist.all_reduce_sum(total)
-    loss = (total[0] / total[1].clamp(min=1)).item()
+    if total[1].item() == 0:  # not a perplexity of 1.0: there was nothing to measure
+        print0("step 1: the eval split is empty; no evaluation metrics (raise --eval_fraction)")
+        return {}
+    loss = (total[0] / total[1]).item()
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -56,4 +60,10 @@ def train(engine, data, collate_fn, cfg, logger, total_steps: int) -> dict:
     return fit_supervised(
         engine, data.train, collate_fn, run, total_steps=total_steps, loss_fn=lambda e, b: sft_loss(e, b, fp32),
         evaluate=lambda: evaluate(engine, data.eval, collate_fn, run.per_device_eval_batch_size, run.eval_iters, fp32),
-        logger=logger, desc="step 1 SFT", config=cfg)
+        logger=logger, desc="step 1 SFT", config=cfg, chance_loss=_uniform_loss(engine))
+
+
+def _uniform_loss(engine) -> float | None:
+    """ln(vocabulary size): the loss of a model that predicts every token as equally likely."""
+    vocab = getattr(getattr(engine.module, "config", None), "vocab_size", None)
+    return math.log(vocab) if isinstance(vocab, int) and vocab > 1 else None

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chatrlhf.training.config import DataArgs, DSChatArgs, EngineArgs, ModelArgs, OptimArgs, TrainArgs
+from chatrlhf.training.config import (DataArgs, DSChatArgs, EngineArgs, ModelArgs, OptimArgs, TrainArgs,
+                                      apply_dschat)
 from chatrlhf.utils.config import group
 
 
@@ -25,5 +26,6 @@ class RewardConfig:
     (TRL's center_rewards_coefficient; 0.01 is a usual value)."""
 
     def __post_init__(self):
+        apply_dschat(self)
         if self.center_coef < 0:
             raise ValueError(f"--center_coef must be >= 0, got {self.center_coef}")

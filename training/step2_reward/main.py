@@ -11,7 +11,9 @@ applications/recipes/. Parse -> build -> train -> save; `run(config)` is what te
 """
 from __future__ import annotations
 
+from chatrlhf.training import memory_plan
 from chatrlhf.training.builders import build_trained_model, start_run
+from chatrlhf.training.dschat import print_notice
 from chatrlhf.training.data.pipeline import load_phase_data
 from chatrlhf.training.loop import total_optimizer_steps
 from chatrlhf.training.step2_reward import trainer
@@ -24,11 +26,12 @@ from chatrlhf.utils.models import load_tokenizer
 
 def run(cfg: RewardConfig) -> dict:
     """Trains and saves; returns the final evaluation metrics."""
-    logger = start_run(cfg.train)
+    logger = start_run(cfg.train, cfg)
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
     data = load_phase_data(cfg.data, REWARD_DATA, tokenizer, seed=cfg.train.seed, max_seq_len=cfg.train.max_seq_len)
     print0(f"step 2: {len(data.train)} training and {len(data.eval)} eval pairs; {data.stats}")
     total_steps = total_optimizer_steps(len(data.train), cfg.train, cfg.optim.gradient_accumulation_steps)
+    memory_plan.check_supervised(cfg, head="score", pairs=True, title="step 2")
     engine = build_trained_model(cfg.model, cfg.optim, cfg.engine, tokenizer, head="score",
                                  micro_batch_size=cfg.train.per_device_train_batch_size, total_steps=total_steps)
     save_config(cfg, cfg.train.output_dir)
@@ -40,7 +43,9 @@ def run(cfg: RewardConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse_config(RewardConfig, argv))
+    cfg = parse_config(RewardConfig, argv)
+    print_notice("step2_reward", RewardConfig, cfg, argv)  # DeepSpeed-Chat flags that work differently here
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@
   python -m chatrlhf.training.step2_reward.rw_eval --model_name_or_path output/step2_reward \\
       --input_file pairs.jsonl --output_file scores.jsonl
 
+  python -m chatrlhf.training.step2_reward.rw_eval --model_name_or_path output/step2_reward   # built-in pairs
+
 Input records are {"prompt": ..., "answers": [...]} or any preference layout the data pipeline reads
 ({"prompt", "chosen", "rejected"}, HH-RLHF transcripts, ...); for pairs the pairwise accuracy is printed too.
+With neither --prompt nor --input_file it scores built-in good/bad answer pairs, as DeepSpeed-Chat's rw_eval.py does
+(its --num_padding_at_beginning and --add_eot_token are accepted and have no effect here).
 A prompt is a user message, a "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript or a list of chat messages. Each
 answer is rendered exactly as in training (chatrlhf.training.data.render: prompt + answer + EOS) and scored at its
 last token (chatrlhf.training.value_model). Import `score_texts` from chatrlhf.training.reward_model.
@@ -22,7 +26,19 @@ from typing import Literal, Optional
 from chatrlhf.training.data.messages import as_messages
 from chatrlhf.training.reward_model import load_reward_model, score_texts
 
-
+# Scored when no input is given: a helpful answer, then an evasive or repetitive one, for each prompt.
+BUILTIN_PAIRS = [
+    ("Please tell me about Microsoft in a few sentences.",
+     "Microsoft is an American technology company founded by Bill Gates and Paul Allen in 1975. It makes the "
+     "Windows operating system, the Office applications and the Azure cloud platform, and it is one of the "
+     "largest companies in the world by revenue.",
+     "I'm not sure. I'm not sure. I'm not sure what you mean. I'm not sure."),
+    ("Explain the moon landing to a 6 year old in a few sentences.",
+     "A long time ago, in 1969, three astronauts flew a big rocket all the way to the moon. Two of them climbed "
+     "down a ladder and walked on it, bouncing because the moon pulls on you less than the Earth does, and then "
+     "they flew safely home.",
+     "I don't know, I don't know."),
+]
 
 @dataclass
 class RwEvalConfig:
@@ -44,10 +60,17 @@ class RwEvalConfig:
     """Sequences per forward pass."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Precision to load the model in."""
+    num_padding_at_beginning: int = 1
+    """DeepSpeed-Chat's flag; no effect: the score is read at the last token where attention_mask is 1."""
+    add_eot_token: bool = False
+    """DeepSpeed-Chat's flag; no effect: answers end with the tokenizer's EOS token."""
 
     def __post_init__(self):
-        if (self.input_file is None) == (self.prompt is None):
-            raise ValueError("give either --prompt with --answers, or --input_file")
+        if self.input_file is not None and self.prompt is not None:
+            raise ValueError("give either --prompt with --answers, or --input_file, not both (neither: the "
+                             "built-in pairs)")
+        if self.answers and self.prompt is None:
+            raise ValueError("--answers needs --prompt")
         if self.prompt is not None and not self.answers:
             raise ValueError("--prompt needs at least one answer in --answers")
 
@@ -85,10 +108,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from chatrlhf.utils.config import parse_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from chatrlhf.training.dschat import print_notice
+
     cfg = parse_config(RwEvalConfig, argv)
+    print_notice("rw_eval", RwEvalConfig, cfg, argv)
     model, tokenizer = load_reward_model(cfg.model_name_or_path, cfg.dtype)
-    items = (read_inputs(cfg.input_file) if cfg.input_file
-             else [{"prompt": as_messages(cfg.prompt), "answers": list(cfg.answers)}])
+    if cfg.input_file:
+        items = read_inputs(cfg.input_file)
+    elif cfg.prompt is not None:
+        items = [{"prompt": as_messages(cfg.prompt), "answers": list(cfg.answers)}]
+    else:
+        items = [{"prompt": as_messages(p), "answers": [good, bad], "pair": True} for p, good, bad in BUILTIN_PAIRS]
     results, wins, pairs = [], 0, 0
     for i, item in enumerate(items):
         scores = score_texts(model, tokenizer, item["prompt"], item["answers"], cfg.max_seq_len, cfg.batch_size)

@@ -2,6 +2,8 @@
 `chatrlhf.training.loop.fit`)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from chatrlhf.training.loop import eval_loader, fit_supervised
@@ -65,4 +67,5 @@ def train(engine, data, collate_fn, cfg, logger, total_steps: int) -> dict:
         loss_fn=lambda e, b: reward_loss(e, b, margin, center),
         evaluate=lambda: evaluate(engine, data.eval, collate_fn, run.per_device_eval_batch_size, run.eval_iters,
                                   margin, center),
-        logger=logger, desc="step 2 reward model", config=cfg)
+        logger=logger, desc="step 2 reward model", config=cfg,
+        chance_loss=math.log1p(math.exp(margin)))  # every pair tied: -logsigmoid(-margin)

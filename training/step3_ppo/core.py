@@ -4,6 +4,9 @@ Shapes: B sequences, T response tokens (the trainer slices the response region),
 `action_mask` is (B, T), bool or 0/1 float, 1 on response tokens that count; positions after EOS are 0,
 so rows may be ragged, e.g. [1, 1, 1, 0, 0]. Masked positions may hold anything (even inf/nan): every
 function selects with `torch.where` instead of multiplying by the mask, so garbage never leaks.
+Losses are per token, (B, T); `aggregate_loss` reduces them. The advantage estimators (GAE and the critic-free
+ones) are in `estimators.py`, registered in `ADVANTAGE_ESTIMATORS` here: importing core registers them. KL
+controllers and running score moments are in `controllers.py`.
 
 References:
   [PPO]   Schulman et al. 2017, Proximal Policy Optimization Algorithms, https://arxiv.org/abs/1707.06347
@@ -11,10 +14,14 @@ References:
   [ZIEG]  Ziegler et al. 2019, Fine-Tuning LMs from Human Preferences, https://arxiv.org/abs/1909.08593
   [LMHP]  lm-human-preference-details, https://iclr-blog-track.github.io/2022/03/25/ppo-implementation-details/
   [KLAPX] Schulman, Approximating KL Divergence, http://joschu.net/blog/kl-approx.html
+  [GRPO]  Shao et al. 2024, DeepSeekMath (GRPO, KL in the loss), https://arxiv.org/abs/2402.03300
+  [DRGRPO] Liu et al. 2025, Understanding R1-Zero-Like Training (Dr. GRPO), https://arxiv.org/abs/2503.20783
+  [DAPO]  Yu et al. 2025, DAPO (clip-higher, token-level loss), https://arxiv.org/abs/2503.14476
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -80,13 +87,15 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  moments: tuple[float, float] | None = None) -> Tensor:
     """Normalise x to mean 0 / variance 1 over the valid positions: (B, T) -> (B, T), masked-out positions 0.
 
-    w = (x - mean) / sqrt(var + eps), plus mean again if not shift_mean (scale only) [LMHP].
+    w = (x - mean) / sqrt(var + eps), plus mean again if not shift_mean (scale only) [LMHP]. `moments` (mean, var)
+    replaces x's own, e.g. those of every rank's rollout (the trainer's global whitening).
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    mean, var = (masked_mean(x, mask), masked_var(x, mask)) if moments is None else moments
+    whitened = (x - mean) * torch.rsqrt(torch.as_tensor(var, dtype=x.dtype, device=x.device) + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
@@ -117,11 +126,22 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Ten
     return KL_ESTIMATORS[kind](logprobs, ref_logprobs)
 
 
+def place_at_last(values: Tensor, action_mask: Tensor) -> Tensor:
+    """(B,), (B, T) -> (B, T): values[b] at row b's last valid position, 0 elsewhere (and on empty rows)."""
+    mask = action_mask.bool()
+    # Index of the last set position per row (-1 for an empty row), without a Python loop over the batch.
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    out.scatter_(1, last.clamp_min(0).unsqueeze(1), torch.where(last >= 0, values, 0.0).unsqueeze(1))
+    return out
+
+
 @torch.no_grad()
 def shape_rewards(
     scores: Tensor,
     logprobs: Tensor,
-    ref_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
     action_mask: Tensor,
     kl_coef: float,
     kl_estimator: str = "k1",
@@ -132,62 +152,55 @@ def shape_rewards(
     rewards[b, t] = -kl_coef * kl[b, t] + [t == last valid t of row b] * clip(scores[b], +-score_clip) [ZIEG].
     Returns (rewards, non_score_rewards); both are 0 outside action_mask, and a row with no valid token
     gets no score at all. The reward model scored the EOS token, which is the last valid action [LMHP].
+    `ref_logprobs` None or kl_coef 0 (no reference, or the KL in the loss): no per-token part.
     """
     mask = action_mask.bool()
-    kl = kl_estimate(logprobs.float(), ref_logprobs.float(), kl_estimator)
-    non_score_rewards = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
+    if ref_logprobs is None or kl_coef == 0:
+        non_score_rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    else:
+        kl = kl_estimate(logprobs.float(), ref_logprobs.float(), kl_estimator)
+        non_score_rewards = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
     scores = scores.to(non_score_rewards.dtype)
     if score_clip is not None:
         scores = scores.clamp(-score_clip, score_clip)
-    # Index of the last set position per row (-1 for an empty row), without a Python loop over the batch.
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values
-    score_part = torch.zeros_like(non_score_rewards)
-    score_part.scatter_(1, last.clamp_min(0).unsqueeze(1), torch.where(last >= 0, scores, 0.0).unsqueeze(1))
-    return non_score_rewards + score_part, non_score_rewards
-
-
-# --------------------------------------------------------------------------- advantages
-
-@torch.no_grad()
-def gae(rewards: Tensor, values: Tensor, action_mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation: (B, T) x3 -> (advantages (B, T), returns (B, T)), no grad [GAE].
-
-    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};  returns = A + V.
-    Masked positions are skipped as if absent, so after the last valid token V = 0 and A = 0 (the episode
-    ends at EOS). Advantages and returns are 0 outside action_mask.
-    """
-    mask = action_mask.bool()
-    rewards, values = rewards.float(), values.float()
-    zero = torch.zeros_like(values[:, 0])
-    next_value, next_adv = zero, zero
-    advantages_reversed = []
-    for t in reversed(range(rewards.shape[1])):
-        valid = mask[:, t]
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        adv = delta + gamma * lam * next_adv
-        # A masked position passes the next valid token's value/advantage through unchanged.
-        next_value = torch.where(valid, values[:, t], next_value)
-        next_adv = torch.where(valid, adv, next_adv)
-        advantages_reversed.append(torch.where(valid, adv, zero))
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    returns = torch.where(mask, advantages + values, torch.zeros_like(values))
-    return advantages, returns
+    return non_score_rewards + place_at_last(scores, mask), non_score_rewards
 
 
 # --------------------------------------------------------------------------- losses
 
-def aggregate_loss(per_token: Tensor, action_mask: Tensor, loss_agg: str = "token_mean") -> Tensor:
-    """Reduce a (B, T) per-token loss to a scalar.
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
-    token_mean: sum over valid tokens / number of valid tokens (every token weighs the same).
-    seq_mean:   mean over non-empty sequences of each sequence's token mean (every sequence weighs the same).
+
+def aggregation_count(action_mask: Tensor, loss_agg: str = "token_mean") -> Tensor:
+    """What `aggregate_loss` divides by, counted in this batch: valid tokens (token_mean) or non-empty sequences."""
+    mask = action_mask.bool()
+    return mask.sum() if loss_agg == "token_mean" else mask.any(dim=-1).sum()
+
+
+def aggregate_loss(per_token: Tensor, action_mask: Tensor, loss_agg: str = "token_mean",
+                   denominator: Tensor | float | None = None, max_len: int | None = None) -> Tensor:
+    """Reduce a (B, T) per-token loss to a scalar, dividing by `denominator` D (default: this batch's own
+    `aggregation_count`; the trainer passes the count of a whole optimizer step over every rank, so that each
+    token or sequence weighs the same wherever it landed [DAPO]):
+
+    token_mean:              sum of valid tokens' losses / D (tokens)
+    seq_mean_token_mean:     sum over sequences of their token mean / D (sequences); "seq_mean" is its old name
+    seq_mean_token_sum:      sum over sequences of their token sum / D (sequences)
+    seq_mean_token_sum_norm: sum over sequences of their token sum / (D * max_len): a constant length normaliser,
+                             max_len the generation budget (default T) [DRGRPO]
     """
+    mask = action_mask.bool()
+    loss_agg = "seq_mean_token_mean" if loss_agg == "seq_mean" else loss_agg
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGGREGATIONS}")
+    if denominator is None:
+        denominator = aggregation_count(mask, loss_agg).clamp_min(1)
     if loss_agg == "token_mean":
-        return masked_mean(per_token, action_mask)
-    if loss_agg == "seq_mean":
-        return masked_mean(masked_mean(per_token, action_mask, dim=-1), action_mask.bool().any(dim=-1))
-    raise ValueError(f"unknown loss_agg {loss_agg!r}; expected 'token_mean' or 'seq_mean'")
+        return masked_sum(per_token, mask) / denominator
+    per_seq = masked_mean(per_token, mask, dim=-1) if loss_agg == "seq_mean_token_mean" else masked_sum(per_token, mask, dim=-1)
+    if loss_agg == "seq_mean_token_sum_norm":
+        per_seq = per_seq / (max_len or mask.shape[1])
+    return per_seq.sum() / denominator
 
 
 def policy_loss(
@@ -195,29 +208,40 @@ def policy_loss(
     old_logprobs: Tensor,
     advantages: Tensor,
     action_mask: Tensor,
-    clip: float,
-    loss_agg: str = "token_mean",
+    clip_low: float,
+    clip_high: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate: (B, T) x4 -> (scalar loss, stats) [PPO eq. 7].
+    """PPO clipped surrogate per token: (B, T) x4 -> ((B, T) loss, 0 outside action_mask; stats) [PPO eq. 7].
 
-    loss = agg(max(-A * r, -A * clip(r, 1 - clip, 1 + clip))),  r = exp(logprobs - old_logprobs).
-    stats (detached scalars): clipfrac (share of valid tokens where the clipped term is the max, so no
-    gradient flows), approx_kl (masked mean of k2 = 0.5 * (logp - old_logp)^2 [KLAPX]), ratio_mean.
+    loss = max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high)),  r = exp(logprobs - old_logprobs);
+    clip_high > clip_low is DAPO's clip-higher [DAPO]. stats (detached scalars, means over valid tokens):
+    clipfrac (share where the clipped term is the max, so no gradient flows), approx_kl (k2 = 0.5 * (logp -
+    old_logp)^2 [KLAPX]), ratio_mean.
     """
     mask = action_mask.bool()
     # Zero the log-ratio on padding first: exp of garbage there could overflow and poison the gradient.
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
     ratio = torch.exp(log_ratio)
+    advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_agg)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.where(mask, torch.maximum(unclipped, clipped), torch.zeros_like(unclipped))
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
-    return loss, stats
+    return per_token, stats
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, action_mask: Tensor, kind: str = "k3") -> Tensor:
+    """The KL term of the actor loss (--kl_in_loss): (B, T) x3 -> (B, T), the `kind` estimate of KL(pi || ref),
+    differentiable in logprobs, 0 outside action_mask [GRPO eq. 4 uses k3]. Its gradient per token:
+    k1: 1;  k2: logp - ref;  k3: 1 - exp(ref - logp)."""
+    mask = action_mask.bool()
+    kl = kl_estimate(logprobs, torch.where(mask, ref_logprobs, logprobs.detach()), kind)
+    return torch.where(mask, kl, torch.zeros_like(kl))
 
 
 def value_loss(
@@ -226,12 +250,11 @@ def value_loss(
     returns: Tensor,
     action_mask: Tensor,
     clip: float | None,
-    loss_agg: str = "token_mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss: (B, T) x4 -> (scalar loss, stats) [LMHP, "value function loss clipping"].
+    """Clipped value loss per token: (B, T) x4 -> ((B, T), stats) [LMHP, "value function loss clipping"].
 
-    loss = 0.5 * agg(max((V - R)^2, (clamp(V, V_old - clip, V_old + clip) - R)^2)); clip=None: 0.5 * agg((V - R)^2).
-    stats: vf_clipfrac, the share of valid tokens where the clipped term is the max.
+    loss = 0.5 * max((V - R)^2, (clamp(V, V_old - clip, V_old + clip) - R)^2); clip=None: 0.5 * (V - R)^2;
+    0 outside action_mask. stats: vf_clipfrac, the share of valid tokens where the clipped term is the max.
     """
     mask = action_mask.bool()
     unclipped = (values - returns) ** 2
@@ -242,8 +265,8 @@ def value_loss(
         values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
         clipped = (values_clipped - returns) ** 2
         per_token, clipped_active = torch.maximum(unclipped, clipped), (clipped > unclipped).float()
-    loss = 0.5 * aggregate_loss(per_token, mask, loss_agg)
-    return loss, {"vf_clipfrac": masked_mean(clipped_active.detach(), mask)}
+    per_token = torch.where(mask, 0.5 * per_token, torch.zeros_like(per_token))
+    return per_token, {"vf_clipfrac": masked_mean(clipped_active.detach(), mask)}
 
 
 @torch.no_grad()
@@ -258,93 +281,49 @@ def explained_variance(values: Tensor, returns: Tensor, action_mask: Tensor) -> 
     return 1.0 - masked_var(returns.float() - values.float(), action_mask) / var_returns
 
 
-# --------------------------------------------------------------------------- KL coefficient controllers
-
-class FixedKLController:
-    """A constant KL coefficient; `update` is a no-op so the trainer can treat both controllers alike."""
-
-    def __init__(self, kl_coef: float):
-        self.value = float(kl_coef)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass  # fixed by definition
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-
-
-class AdaptiveKLController:
-    """Steers the KL coefficient so the observed KL tracks `target` [ZIEG, section 2.2].
-
-    e = clip(current_kl / target - 1, -0.2, 0.2);  value *= 1 + e * n_steps / horizon.
-    """
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: float):
-        if target <= 0 or horizon <= 0:
-            raise ValueError(f"AdaptiveKLController needs target > 0 and horizon > 0, got {target=}, {horizon=}")
-        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
-
-    def state_dict(self) -> dict:
-        # Only the learned coefficient: target and horizon come from the (possibly edited) config on resume.
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-
-
-# --------------------------------------------------------------------------- score normalisation
-
-class RunningMoments:
-    """Running mean and (unbiased) std of every score seen, merged batch by batch.
-
-    Chan et al.'s parallel update: with delta = mean_b - mean and n = count + n_b,
-    mean += delta * n_b / n;  M2 += M2_b + delta^2 * count * n_b / n.  Kept in Python floats (float64).
-    """
-
-    def __init__(self):
-        self.mean, self.m2, self.count = 0.0, 0.0, 0
-
-    @property
-    def std(self) -> float:
-        # Before two samples the spread is unknown; 1.0 makes normalisation a pure shift.
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
-
-    @torch.no_grad()
-    def update(self, x: Tensor) -> tuple[float, float]:
-        """Merge the batch `x` (any shape); returns its own (mean, unbiased std; 0.0 for a single element)."""
-        x = x.detach().double().flatten()
-        n_b = x.numel()
-        if n_b == 0:
-            raise ValueError("RunningMoments.update got an empty tensor")
-        mean_b = x.mean().item()
-        m2_b = ((x - mean_b) ** 2).sum().item()
-        delta, total = mean_b - self.mean, self.count + n_b
-        self.mean += delta * n_b / total
-        self.m2 += m2_b + delta**2 * self.count * n_b / total
-        self.count = total
-        return mean_b, math.sqrt(m2_b / (n_b - 1)) if n_b > 1 else 0.0
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean, "m2": self.m2, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean, self.m2, self.count = float(state["mean"]), float(state["m2"]), int(state["count"])
-
-
-def normalize_scores(scores: Tensor, mean: float, std: float, eps: float = 1e-8) -> Tensor:
-    """(B,) -> (B,): (scores - mean) / (std + eps), e.g. with a RunningMoments' mean and std."""
-    return (scores - mean) / (std + eps)
-
-
 # --------------------------------------------------------------------------- registries (config name -> function)
 
-ADVANTAGE_ESTIMATORS = {"gae": gae}  # (rewards, values, action_mask, gamma, lam) -> (advantages, returns)
-POLICY_LOSSES = {"clip": policy_loss}  # (logprobs, old_logprobs, advantages, action_mask, clip, loss_agg)
+@dataclass
+class AdvantageInputs:
+    """What an advantage estimator sees of a rollout (B sequences, T response tokens)."""
+    scores: Tensor                # (B,) the scores learned from: normalised, clipped, missing-EOS penalty applied
+    rewards: Tensor               # (B, T) `shape_rewards`: each score at its row's last token, minus the per-token
+                                  #        KL penalty when the KL is in the reward
+    action_mask: Tensor           # (B, T)
+    group: Tensor                 # (B,) long: the answers to one prompt share a value (--n_samples_per_prompt)
+    config: Any                   # the PPO settings (PPOArgs: gamma, lam, ...)
+    values: Tensor | None = None  # (B, T) critic values; None for estimators that need no critic
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A registered estimator: fn(AdvantageInputs) -> (advantages (B, T), returns (B, T)), plus what it needs."""
+    fn: Callable[[AdvantageInputs], tuple[Tensor, Tensor]]
+    needs_critic: bool = False   # False: no critic is loaded, trained or saved
+    needs_groups: bool = False   # needs --n_samples_per_prompt >= 2 (its baseline is the other answers)
+    whiten: bool = False         # the default of --whiten_advantages
+    loss_agg: str = "token_mean"  # the default of --loss_agg
+
+    def __call__(self, inputs: AdvantageInputs) -> tuple[Tensor, Tensor]:
+        return self.fn(inputs)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {}  # filled by estimators.py (imported at the end of this module)
+
+
+def register_estimator(name: str, **needs) -> Callable:
+    """Decorator: registers fn(AdvantageInputs) -> (advantages, returns) as --advantage_estimator `name`;
+    `needs` are Estimator's fields (needs_critic, needs_groups, whiten, loss_agg)."""
+    def wrap(fn):
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        ADVANTAGE_ESTIMATORS[name] = Estimator(fn, **needs)
+        return fn
+    return wrap
+
+
+POLICY_LOSSES = {"clip": policy_loss}  # (logprobs, old_logprobs, advantages, action_mask, clip_low, clip_high)
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}  # (logprobs, ref_logprobs) -> per-token KL
+
+# At the end: estimators.py imports this module's helpers and fills ADVANTAGE_ESTIMATORS.
+from chatrlhf.training.step3_ppo import estimators as _estimators  # noqa: E402,F401

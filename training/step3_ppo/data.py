@@ -1,7 +1,8 @@
 """Step 3's data: prompts only (the actor writes the answers), from the third --data_split share.
 
-Each prompt keeps its chat messages next to its tokens: a reward model with another tokenizer renders them its
-own way. Prompts longer than --max_prompt_seq_len keep their last tokens (or are dropped with --overlength drop).
+Each prompt keeps its chat messages next to its tokens (a reward model with another tokenizer renders them its
+own way) and its record's other fields (`metadata`, JSON: e.g. a reference answer, for reward functions). Prompts
+longer than --max_prompt_seq_len keep their last tokens (or are dropped with --overlength drop).
 """
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ from chatrlhf.training.data.render import encode_prompts
 
 
 def tokenize(batch, tokenizer, max_seq_len, max_prompt_len, overlength):
-    """Batched: normalised examples -> input_ids (prompt tokens only), prompt_messages (JSON), length."""
-    out = {k: [] for k in ("input_ids", "prompt_messages", "length", "_truncated", "_eos_cut")}
-    for p, messages in zip(encode_prompts(tokenizer, batch["prompt"]), batch["prompt"]):
+    """Batched: normalised examples -> input_ids (prompt tokens only), prompt_messages (JSON), metadata (JSON or
+    None), length."""
+    out = {k: [] for k in ("input_ids", "prompt_messages", "metadata", "length", "_truncated", "_eos_cut")}
+    metadata = batch.get("metadata") or [None] * len(batch["prompt"])
+    for p, messages, meta in zip(encode_prompts(tokenizer, batch["prompt"]), batch["prompt"], metadata):
         cut = len(p) > max_prompt_len
         if cut and overlength == "drop":
             continue
         p = p[-max_prompt_len:] if cut else p
         out["input_ids"].append(p)
         out["prompt_messages"].append(json.dumps(messages))
+        out["metadata"].append(meta)
         out["length"].append(len(p))
         out["_truncated"].append(cut)
         out["_eos_cut"].append(False)
@@ -32,7 +36,7 @@ def tokenize(batch, tokenizer, max_seq_len, max_prompt_len, overlength):
 
 
 PROMPT_DATA = StepData(name="prompts", share=2, tokenize=tokenize,
-                       columns={"input_ids": "ids", "prompt_messages": "string"})
+                       columns={"input_ids": "ids", "prompt_messages": "string", "metadata": "string"})
 
 
 def prompt_data(cfg, tokenizer) -> PhaseData:
@@ -43,7 +47,8 @@ def prompt_data(cfg, tokenizer) -> PhaseData:
 @dataclass
 class PromptCollator:
     """LEFT-padded prompts for generation, input_ids/attention_mask [B, T], plus the prompts' chat messages
-    (`prompt_messages`, a list of message lists) when the dataset has them."""
+    (`prompt_messages`, a list of message lists) and their records' other fields (`metadata`, a list of dicts,
+    {} for none) when the dataset has them."""
     tokenizer: object
     pad_to_multiple_of: int | None = None
 
@@ -53,4 +58,6 @@ class PromptCollator:
         batch = {"input_ids": input_ids, "attention_mask": mask}
         if features and "prompt_messages" in features[0]:
             batch["prompt_messages"] = [json.loads(f["prompt_messages"]) for f in features]
+        if features and "metadata" in features[0]:
+            batch["metadata"] = [json.loads(f["metadata"]) if f["metadata"] else {} for f in features]
         return batch

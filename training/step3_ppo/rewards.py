@@ -1,12 +1,17 @@
-"""What scores a rollout: one interface, `Reward`, over a reward model (`ModelReward`) or a function of texts
-(`FunctionReward`), so the trainer makes one call whatever the source of its scores.
+"""What scores a rollout: one interface, `Reward`, over a reward model (`ModelReward`), a function of texts
+(`FunctionReward`) or a weighted sum of those (`CombinedReward`), so the trainer makes one call whatever the source
+of its scores.
 
-A reward function is any callable `(prompts: list[str], responses: list[str]) -> scores`; pass one with
-`--reward_function package.module:callable` (or `run(cfg, reward_fn=...)`). A few examples live here.
+A reward function is any callable `(prompts: list[str], responses: list[str]) -> scores`, or
+`(prompts, responses, metadata: list[dict]) -> scores` when it needs each example's own data: `metadata[i]` holds
+the fields of answer i's prompt record that no data format reads (e.g. GSM8K's `answer`), {} when there are none.
+Pass them with `--reward_function package.module:callable ...` (or `run(cfg, reward_fn=...)`); examples live here
+and in `verifiable.py`.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -28,6 +33,7 @@ class RewardInputs:
     prompt_len: int                # P
     prompt_messages: list | None   # each prompt's chat messages (the data pipeline's), for re-rendering
     tokenizer: object              # the actor's
+    metadata: list | None = None   # each row's prompt record fields beyond the format's (dicts), for reward functions
 
 
 class Reward(Protocol):
@@ -53,14 +59,73 @@ class ModelReward:
 
 
 class FunctionReward:
-    """A reward function over the decoded prompt and answer texts of a batch."""
+    """A reward function over the decoded prompt and answer texts of a batch (and each row's metadata, when its
+    signature takes a third argument or a `metadata` keyword)."""
 
     def __init__(self, fn: "RewardFn"):
-        self.fn = fn
+        self.fn, self.takes_metadata = fn, takes_metadata(fn)
 
     def __call__(self, batch: RewardInputs) -> torch.Tensor:
         prompts, responses = decode(batch.tokenizer, batch.sequences, batch.prompt_len, batch.action_mask)
-        return as_scores(self.fn(prompts, responses), batch.sequences.size(0), batch.sequences.device)
+        if not self.takes_metadata:
+            return as_scores(self.fn(prompts, responses), len(responses), batch.sequences.device)
+        metadata = batch.metadata if batch.metadata is not None else [{} for _ in responses]
+        if len(metadata) != len(responses):
+            raise ValueError(f"{len(metadata)} metadata records for {len(responses)} answers")
+        if any(p.name == "metadata" and p.kind is p.KEYWORD_ONLY for p in _parameters(self.fn)):
+            return as_scores(self.fn(prompts, responses, metadata=metadata), len(responses), batch.sequences.device)
+        return as_scores(self.fn(prompts, responses, metadata), len(responses), batch.sequences.device)
+
+
+def _parameters(fn) -> list:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # some builtins and C callables have no signature: the plain form
+        return []
+
+
+def takes_metadata(fn) -> bool:
+    """Whether `fn` accepts (prompts, responses, metadata): a third positional parameter, *args, or `metadata`."""
+    params = _parameters(fn)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return (len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)
+            or any(p.name == "metadata" for p in params))
+
+
+class CombinedReward:
+    """A weighted sum of rewards (functions and/or a reward model); `parts` also returns each one's own scores,
+    which the trainer logs as objective/reward/<name> and eval/reward/<name>."""
+
+    def __init__(self, rewards: list[tuple[str, float, Reward]]):
+        if not rewards:
+            raise ValueError("no reward: give --reward_function or a reward model")
+        names = [name for name, _, _ in rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two rewards share a name: {names}")
+        self.rewards = rewards
+
+    def parts(self, batch: RewardInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted sum (B,), {name: that reward's scores (B,)})."""
+        parts = {name: reward(batch).float() for name, _, reward in self.rewards}
+        total = sum(weight * parts[name] for name, weight, _ in self.rewards)
+        return total, parts
+
+    def __call__(self, batch: RewardInputs) -> torch.Tensor:
+        return self.parts(batch)[0]
+
+
+def reward_names(reward: Reward) -> list[str]:
+    """The names `score_parts` gives parts for (none unless several rewards are summed)."""
+    names = [name for name, _, _ in reward.rewards] if isinstance(reward, CombinedReward) else []
+    return names if len(names) > 1 else []
+
+
+def score_parts(reward: Reward, batch: RewardInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scores of any Reward, with its parts when it is a CombinedReward of several."""
+    if isinstance(reward, CombinedReward):
+        total, parts = reward.parts(batch)
+        return total, (parts if len(parts) > 1 else {})
+    return reward(batch), {}
 
 
 def same_tokens(a, b) -> bool:
@@ -95,7 +160,7 @@ class RewardFn(Protocol):
 
 
 def load_reward_function(spec: str) -> RewardFn:
-    """"package.module:name" -> the callable."""
+    """"package.module:name" -> the callable (taking (prompts, responses) or (prompts, responses, metadata))."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--reward_function must look like package.module:callable, got {spec!r}")

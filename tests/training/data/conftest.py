@@ -1,7 +1,6 @@
 """Helpers for the data tests: small files written on the fly and a tokenizer copy with a pad token."""
 from __future__ import annotations
 
-import copy
 import gzip
 import json
 from pathlib import Path

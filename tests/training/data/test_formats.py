@@ -1,3 +1,4 @@
+import json
 import logging
 
 import pytest
@@ -7,9 +8,16 @@ from chatrlhf.training.data.formats import DataFormatError, detect_format, norma
 
 
 def one(record, data_format=None):
+    """(the example without its metadata column, the format); see test_fields_no_format_reads_are_metadata."""
     columns, stats = normalize([record], "test.jsonl", data_format)
     assert stats["records"] == 1 and stats["skipped_malformed"] == 0
-    return {k: v[0] for k, v in columns.items()}, stats["format"]
+    return {k: v[0] for k, v in columns.items() if k != "metadata"}, stats["format"]
+
+
+def test_fields_no_format_reads_are_metadata():
+    columns, _ = normalize([{"prompt": "2 + 2?", "chosen": "4", "answer": "4", "id": 7},
+                            {"prompt": "q", "chosen": "a", "rejected": "b"}], "test.jsonl")
+    assert [json.loads(m) if m else m for m in columns["metadata"]] == [{"answer": "4", "id": 7}, None]
 
 
 def test_hh_transcript_split_at_last_assistant():

@@ -19,13 +19,13 @@ SPLIT_STATS = {"records", "kept", "truncated", "dropped", "eos_cut"}
 @pytest.mark.parametrize("phase, columns, collator", [
     (1, ["input_ids", "labels", "length"], SFTCollator),
     (2, ["chosen_input_ids", "rejected_input_ids", "length"], PairCollator),
-    (3, ["input_ids", "prompt_messages", "length"], PromptCollator),
+    (3, ["input_ids", "prompt_messages", "metadata", "length"], PromptCollator),
 ])
 def test_real_hh_rlhf_all_phases(hh50, pad_tokenizer, phase, columns, collator):
     data = load_data([str(hh50)], SPECS[phase], pad_tokenizer, max_seq_len=128, max_prompt_len=64, eval_fraction=0.2)
     assert data.train.column_names == columns and len(data.train) > 0 and len(data.eval) > 0
     row = data.train[0]
-    assert all(isinstance(row[c], torch.Tensor) for c in columns if c != "prompt_messages")
+    assert all(isinstance(row[c], torch.Tensor) for c in columns if c not in ("prompt_messages", "metadata"))
     first = columns[0]
     assert int(row["length"]) == len(row[first]) <= (128 if phase < 3 else 64)
     s = data.stats

@@ -21,7 +21,7 @@ def test_local_file_types_load_the_same(tmp_path, write, make_pairs, suffix):
     assert (len(src.train), len(src.eval)) == (36, 4)
     got = sorted(list(src.train["chosen"]) + list(src.eval["chosen"]), key=lambda s: int(s.split()[-1]))
     assert got == [r["chosen"] for r in records]
-    assert set(src.train.column_names) == {"prompt", "chosen", "rejected"}
+    assert set(src.train.column_names) == {"prompt", "chosen", "rejected", "metadata"}
     by_chosen = {ex["chosen"]: ex for ex in list(src.train) + list(src.eval)}
     if suffix != ".parquet":
         assert by_chosen["good answer 3"]["prompt"][0] == {"role": "system", "content": "S"}
@@ -182,12 +182,16 @@ def _gz_bytes(records) -> bytes:
     return gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
 
 
+def _flip(data: bytes, start: int, end: int) -> bytes:
+    return data[:start] + bytes(x ^ 0xFF for x in data[start:end]) + data[end:]
+
+
 @pytest.mark.parametrize("name, content, what", [
     ("cut.jsonl.gz", lambda recs: _gz_bytes(recs)[:-200], r"truncated gzip file: it ends after line \d+"),
     ("cut.json.gz", lambda recs: _gz_bytes(recs)[:-200], "truncated gzip file"),
-    ("corrupt.jsonl.gz", lambda recs: (lambda b: b[:40] + bytes(x ^ 0xFF for x in b[40:80]) + b[80:])(_gz_bytes(recs)),
-     "corrupt gzip data"),
+    ("corrupt.jsonl.gz", lambda recs: _flip(_gz_bytes(recs), 40, 80), "corrupt gzip data"),
     ("plain.jsonl.gz", lambda recs: b'{"prompt": "q", "chosen": "a"}\n', r"not a gzip file \(rename it"),
+    ("trailing.jsonl.gz", lambda recs: _gz_bytes(recs) + b"garbage", r"corrupt gzip data after line \d+"),
     ("latin1.jsonl", lambda recs: b'{"prompt": "q", "chosen": "a"}\n{"prompt": "caf\xe9", "chosen": "a"}\n',
      r"line 2: not UTF-8 text \(byte b'\\xe9'\)"),
     ("latin1.json", lambda recs: b'[{"prompt": "q", "chosen": "a"},\n {"prompt": "caf\xe9", "chosen": "a"}]',

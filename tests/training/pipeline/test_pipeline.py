@@ -1,5 +1,6 @@
-"""The one-command pipeline: steps 1 -> 2 -> 3 in-process on tiny random models with the report, skipping of
-finished steps, --force, options refused before anything starts, a failing step's message, and the recipes."""
+"""The one-command pipeline: steps 1 -> 2 -> 3 (and 1 -> DPO with --step2-method dpo) in-process on tiny random
+models with the report, skipping of finished steps, --force, options refused before anything starts, a failing
+step's message, and the recipes."""
 from __future__ import annotations
 
 import json
@@ -76,6 +77,70 @@ def test_three_steps_run_in_order_and_write_the_report(finished):
     assert report.count("**score ") == 4  # 2 prompts x 2 models, scored by the reward model
 
 
+@pytest.fixture(scope="module")
+def finished_dpo(tiny_model_dir, records, tmp_path_factory):
+    """One in-process run of `--step2-method dpo` (SFT then DPO) on a tiny llama: (options, result)."""
+    out = tmp_path_factory.mktemp("pipeline_dpo") / "output"
+    opts = tiny_options(tiny_model_dir("llama"), out, records, step2_method="dpo", step=None, step3_args="")
+    return opts, run_pipeline(opts)
+
+
+def test_dpo_path_runs_sft_then_dpo_and_reports_it(finished_dpo):
+    opts, result = finished_dpo
+    out = Path(opts.output_dir)
+    assert sorted(result["steps"]) == [1, 2] and opts.step == [1, 2]
+    assert not (out / "step2_reward").exists() and not (out / "step3_ppo").exists()
+    done = json.loads((out / "step2_dpo" / "pipeline_done.json").read_text())
+    assert done["name"] == "step2_dpo" and done["flags"]["model_name_or_path"] == str(out.resolve() / "step1_sft")
+    assert (out / "step2_dpo" / "config.json").is_file() and (out / "logs" / "step2.log").stat().st_size > 0
+    assert {"eval/accuracy", "eval/logprob_accuracy", "eval/chosen_logprob", "eval/kl_chosen"} == set(
+        result["steps"][2]["metrics"])
+    report = (out / "report.md").read_text()
+    assert "## Step 2: DPO" in report and "(report/step2.png)" in report and "no reward model, no PPO" in report
+    assert (out / "report" / "step2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held-out preference accuracy" in report and "KL to SFT on the chosen answers" in report
+    assert "## Sample answers on held-out prompts" in report and "DPO model (step 2)" in report
+    assert "**score " not in report  # no reward model on this path
+    assert f"--path {out.resolve() / 'step2_dpo'}" in report
+
+
+def test_dpo_path_refuses_step_3_and_wrong_values(tiny_model_dir, tmp_path, capsys):
+    model = str(tiny_model_dir("llama"))
+    base = ["--actor-model", model, "--reward-model", model, "--output-dir", str(tmp_path / "out"),
+            "--step2-method", "dpo"]
+    assert main(base + ["--step", "1", "2", "3"]) == 2
+    assert "--step takes steps from [1, 2] with --step2-method dpo" in capsys.readouterr().err
+    assert main(base + ["--step3-args", "--kl_coef 0.1"]) == 2
+    assert "there is no step 3 with --step2-method dpo" in capsys.readouterr().err
+    assert main(base + ["--step2-args", "--beta 0"]) == 2
+    assert "--beta must be > 0" in capsys.readouterr().err
+    assert main(base + ["--step", "2"]) == 2  # step 1 has not run: nothing to start DPO from
+    assert "step 2 starts from step 1's output" in capsys.readouterr().err
+    assert main(["--actor-model", model, "--reward-model", model, "--output-dir", str(tmp_path / "out"),
+                 "--common-args", "--beta 0.2"]) == 2  # no step of the RLHF path has --beta
+    assert "no step has flag(s) ['beta']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--step2-method", "ppo"])
+    err = capsys.readouterr().err
+    assert "--step2-method: invalid choice: 'ppo'" in err and "dpo" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dpo_plan_is_wired_to_step_1_and_the_actor(tmp_path):
+    summary = {"name": "m", "num_params": 1e8, "last_block": "model.layers.1."}
+    opts = PipelineOptions(actor_model="a", reward_model="r", output_dir=str(tmp_path), step2_method="dpo",
+                           actor_zero_stage=2, reward_zero_stage=1, common_args="--max_seq_len 64 --beta 0.2",
+                           step2_args="--loss_type ipo")
+    plan = build_plan(opts, summary, summary, recipes.recipe_dir() / "small_single_gpu.yaml")
+    flags = {p.step.name: p.flags for p in plan.steps}
+    assert list(flags) == ["step1_sft", "step2_dpo"] and plan.step2_method == "dpo"
+    dpo = flags["step2_dpo"]
+    assert dpo["model_name_or_path"] == str(tmp_path.resolve() / "step1_sft") and dpo["zero_stage"] == 2
+    assert dpo["beta"] == 0.2 and dpo["loss_type"] == "ipo" and dpo["max_seq_len"] == 64
+    assert dpo["learning_rate"] == 1e-6 and dpo["output_dir"] == str(tmp_path.resolve() / "step2_dpo")  # recipe
+    assert "beta" not in flags["step1_sft"]
+
+
 def test_finished_steps_are_skipped_and_force_reruns(finished, capsys):
     opts, _, first_run = finished
     out = Path(opts.output_dir)
@@ -138,16 +203,20 @@ def test_bad_overrides_are_refused_before_anything_starts(tiny_model_dir, tmp_pa
 
 
 def test_a_failing_step_is_named_with_its_log_tail_and_hints(tiny_model_dir, tmp_path, capsys):
-    """Subprocess mode (a fresh `python -m` process), failing early on a data file that is not there."""
-    model = str(tiny_model_dir("llama"))
-    code = main(["--actor-model", model, "--reward-model", model, "--output-dir", str(tmp_path / "out"),
-                 "--deployment-type", "cpu", "--launcher", "python", "--step", "1", "--step1-args",
-                 f"--data_path {tmp_path / 'missing.jsonl'} --dtype fp32"])
+    """Subprocess mode (a fresh `python -m` process), failing early on model weights that do not load (what the
+    pipeline cannot check beforehand: a missing data file is refused before anything runs)."""
+    import shutil
+
+    model = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    (model / "model.safetensors").write_bytes(b"not safetensors")
+    code = main(["--actor-model", str(model), "--reward-model", str(model), "--output-dir", str(tmp_path / "out"),
+                 "--deployment-type", "cpu", "--launcher", "python", "--step", "1", "--step1-args", "--dtype fp32"])
     err = capsys.readouterr().err
     assert code == 1
     assert "step 1 (SFT) failed" in err and "exit code" in err
     assert f"last 40 lines of {tmp_path / 'out' / 'logs' / 'step1.log'}" in err
-    assert "missing.jsonl" in err  # the step's own error, from the log tail
+    assert "SafetensorError" in err  # the step's own error, from the log tail
     for hint in ("--per_device_train_batch_size", "ZeRO", "--offload", "--lora_dim", "--gradient_checkpointing"):
         assert hint in err
     assert not (tmp_path / "out" / "step1_sft" / "pipeline_done.json").exists()
@@ -161,11 +230,15 @@ def test_recipes_are_picked_by_size_and_deployment(size, deployment, expected):
     assert recipes.recipe_path(size, deployment).stem == expected
 
 
+@pytest.mark.parametrize("method", ["reward", "dpo"])
 @pytest.mark.parametrize("recipe", sorted(p.name for p in recipes.recipe_dir().glob("*.yaml")))
-def test_every_packaged_recipe_gives_valid_step_configs(recipe, tmp_path):
+def test_every_packaged_recipe_gives_valid_step_configs(recipe, method, tmp_path):
     summary = {"name": "m", "num_params": 1e8, "last_block": "model.layers.1."}
-    opts = PipelineOptions(actor_model="m", reward_model="m", output_dir=str(tmp_path))
+    opts = PipelineOptions(actor_model="m", reward_model="m", output_dir=str(tmp_path), step2_method=method,
+                           step=[1, 2, 3] if method == "reward" else [1, 2])
     plan = build_plan(opts, summary, summary, recipes.recipe_dir() / recipe)
+    assert [p.step.name for p in plan.steps] == (["step1_sft", "step2_reward", "step3_ppo"] if method == "reward"
+                                                 else ["step1_sft", "step2_dpo"])
     assert recipes.describe(recipes.recipe_dir() / recipe)
     for p in plan.steps:
         assert p.flags.get("save_interval", 0) > 0 or p.flags.get("max_steps", 0) > 0  # resumable
@@ -209,12 +282,12 @@ def test_launch_commands_per_deployment(tmp_path):
     plan = build_plan(PipelineOptions(actor_model="m", reward_model="m", output_dir=str(tmp_path)), summary, summary,
                       recipes.recipe_dir() / "small_single_gpu.yaml").steps[0]
     one = command(plan, "single_gpu", "deepspeed")
-    assert one[one.index("--num_gpus") + 1] == "1" and one[-4:] == ["--module", STEPS[1].module, "--config",
-                                                                      str(plan.args_file)]
+    assert one[one.index("--num_gpus") + 1] == "1"
+    assert one[-4:] == ["--module", STEPS["step1_sft"].module, "--config", str(plan.args_file)]
     multi = command(plan, "multi_node", "deepspeed", hostfile="hosts")
     assert multi[multi.index("--hostfile") + 1] == "hosts" and "--num_gpus" not in multi
     assert "--num_gpus" not in command(plan, "single_node", "deepspeed")  # all local GPUs
-    assert command(plan, "cpu", "python")[1:3] == ["-m", STEPS[1].module]
+    assert command(plan, "cpu", "python")[1:3] == ["-m", STEPS["step1_sft"].module]
     assert cli.launcher_for("cpu", "auto", None) == "python" and cli.launcher_for("single_gpu", "auto", None) == \
         "deepspeed"
 
@@ -235,7 +308,7 @@ def test_sigterm_stops_the_running_step_process(tmp_path):
     from chatrlhf.training.pipeline.launch import _run_subprocess
     from chatrlhf.training.pipeline.plan import StepPlan
 
-    plan = StepPlan(STEPS[1], tmp_path / "out", {}, tmp_path / "step1.log", tmp_path / "step1.yaml")
+    plan = StepPlan(STEPS["step1_sft"], tmp_path / "out", {}, tmp_path / "step1.log", tmp_path / "step1.yaml")
     pid_file = tmp_path / "pid"
     child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('up', flush=True); " \
             "time.sleep(60)"

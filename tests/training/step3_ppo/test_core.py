@@ -9,30 +9,45 @@ import pytest
 import torch
 
 from chatrlhf.training.step3_ppo import core
+from chatrlhf.training.step3_ppo.controllers import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    normalize_scores,
+)
 from chatrlhf.training.step3_ppo.core import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
-    AdaptiveKLController,
-    FixedKLController,
-    RunningMoments,
+    aggregate_loss,
     entropy_from_logits,
     explained_variance,
-    gae,
     kl_estimate,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
-    normalize_scores,
-    policy_loss,
     shape_rewards,
-    value_loss,
 )
+from chatrlhf.training.step3_ppo.core import policy_loss as policy_loss_per_token
+from chatrlhf.training.step3_ppo.core import value_loss as value_loss_per_token
+from chatrlhf.training.step3_ppo.estimators import gae
 
 E = math.e
 RAGGED = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip, loss_agg="token_mean", clip_high=None):
+    """The per-token surrogate aggregated as the trainer does (symmetric clip unless clip_high is given)."""
+    per_token, stats = policy_loss_per_token(logprobs, old_logprobs, advantages, mask, clip,
+                                             clip if clip_high is None else clip_high)
+    return aggregate_loss(per_token, mask, loss_agg), stats
+
+
+def value_loss(values, old_values, returns, mask, clip, loss_agg="token_mean"):
+    per_token, stats = value_loss_per_token(values, old_values, returns, mask, clip)
+    return aggregate_loss(per_token, mask, loss_agg), stats
 
 
 def close(actual, expected, atol=1e-6):
@@ -257,6 +272,14 @@ def test_policy_loss_seq_mean_and_bad_agg():
     close(seq, -(2 + 6) / 2)  # the empty row counts as no sequence
     with pytest.raises(ValueError, match="loss_agg"):
         policy_loss(lp, lp, adv, mask, clip=0.2, loss_agg="sum")
+    # The other aggregations of the same per-token loss -A: token sums [-6, -6] (the empty row is no sequence).
+    seq_sum, _ = policy_loss(lp, lp, adv, mask, clip=0.2, loss_agg="seq_mean_token_sum")
+    close(seq_sum, -(6 + 6) / 2)
+    norm, _ = policy_loss(lp, lp, adv, mask, clip=0.2, loss_agg="seq_mean_token_sum_norm")
+    close(norm, -(6 + 6) / 2 / 3)  # over T = 3, the constant length (Dr. GRPO)
+    per_token, _ = policy_loss_per_token(lp, lp, adv, mask, 0.2, 0.2)
+    close(aggregate_loss(per_token, mask, "seq_mean_token_sum_norm", max_len=10), -(6 + 6) / 2 / 10)
+    close(aggregate_loss(per_token, mask, "token_mean", denominator=8.0), -12 / 8)  # a given (global) count
 
 
 def test_gradient_accumulation_invariance():
@@ -384,11 +407,13 @@ def _params(fn):
 
 
 def test_registries_share_signatures():
-    assert ADVANTAGE_ESTIMATORS["gae"] is gae and POLICY_LOSSES["clip"] is policy_loss
-    for fn in ADVANTAGE_ESTIMATORS.values():
-        assert _params(fn) == ["rewards", "values", "action_mask", "gamma", "lam"]
+    assert POLICY_LOSSES["clip"] is core.policy_loss
+    assert {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"} <= set(ADVANTAGE_ESTIMATORS)
+    for estimator in ADVANTAGE_ESTIMATORS.values():
+        assert _params(estimator.fn) == ["x"]  # one named record: core.AdvantageInputs
+    assert [n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs_critic] == ["gae"]
     for fn in POLICY_LOSSES.values():
-        assert _params(fn) == ["logprobs", "old_logprobs", "advantages", "action_mask", "clip", "loss_agg"]
+        assert _params(fn) == ["logprobs", "old_logprobs", "advantages", "action_mask", "clip_low", "clip_high"]
     assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
     assert {tuple(_params(fn)) for fn in KL_ESTIMATORS.values()} == {("logprobs", "ref_logprobs")}
 

@@ -1,6 +1,6 @@
-"""Rollouts (chatrlhf.training.step3_ppo.rollout and the trainer's make_rollout / shape_and_estimate): masks,
-batching, score placement, re-tokenisation for a reward model with another tokenizer, eval-mode scoring, and
-every sampled row kept."""
+"""Rollouts (chatrlhf.training.step3_ppo.rollout, experience.make_rollout / shape_and_estimate): masks, batching,
+score placement, re-tokenisation for a reward model with another tokenizer, eval-mode scoring, every sampled row
+kept, groups of answers with their prompts' metadata, and the scores learned from."""
 from __future__ import annotations
 
 import copy
@@ -10,8 +10,9 @@ import torch
 
 from chatrlhf.training.data.render import encode_prompt, encode_response
 from chatrlhf.training.hybrid_engine import build_engine
-from chatrlhf.training.step3_ppo import trainer
+from chatrlhf.training.step3_ppo import core, experience, trainer
 from chatrlhf.training.step3_ppo.config import PPOConfig
+from chatrlhf.training.step3_ppo.controllers import RunningMoments
 from chatrlhf.training.step3_ppo.rewards import FunctionReward, retokenize_for_reward
 from chatrlhf.training.step3_ppo.rollout import Rollout, concat, generate, response_mask, score
 from chatrlhf.utils.config import from_flat
@@ -86,7 +87,7 @@ def test_concat_repads_prompts_on_the_left_and_responses_on_the_right():
 def test_the_score_lands_on_each_rows_last_counted_token():
     cfg = from_flat(PPOConfig, {"kl_coef": 0.0, "score_clip": None, "whiten_advantages": False, "lam": 1.0})
     r = rollout(4, 3, 5, 0, [3, 1, 5, 5])
-    stats = trainer.shape_and_estimate(r, cfg, kl_coef=0.0, moments=None)
+    stats = experience.shape_and_estimate(r, cfg, kl_coef=0.0, moments=None)
     expected = torch.zeros(4, 5)
     for row, last in enumerate([2, 0, 4, 4]):
         expected[row, last] = r.scores[row]
@@ -100,7 +101,7 @@ def test_the_score_lands_on_each_rows_last_counted_token():
     # With a KL penalty the score still sits at the last token, the penalty on every counted token.
     r = rollout(4, 3, 5, 0, [3, 1, 5, 5])
     cfg = from_flat(PPOConfig, {"kl_coef": 0.1, "score_clip": None})
-    trainer.shape_and_estimate(r, cfg, kl_coef=0.1, moments=None)
+    experience.shape_and_estimate(r, cfg, kl_coef=0.1, moments=None)
     kl = (r.logprobs - r.ref_logprobs) * r.action_mask
     torch.testing.assert_close(r.rewards, expected - 0.1 * kl)
 
@@ -191,7 +192,7 @@ def test_make_rollout_keeps_every_row_and_masks_short_and_unfinished_answers(mod
                        tokenizer=tok)
     cfg = from_flat(PPOConfig, {"max_answer_seq_len": R, "do_sample": False, "missing_eos_penalty": -3.0})
     timings = {}
-    r = trainer.make_rollout(m, enc, cfg, timings)
+    r = experience.make_rollout(m, enc, cfg, timings)
     P = enc["input_ids"].size(1)
     assert r.sequences.shape == (2, P + R) and r.prompt_len == P
     for name in ("action_mask", "logprobs", "ref_logprobs", "values"):
@@ -199,8 +200,165 @@ def test_make_rollout_keeps_every_row_and_masks_short_and_unfinished_answers(mod
     assert r.action_mask.tolist() == [[1, 0, 0, 0, 0], [1] * R]
     assert torch.equal(r.attention_mask, torch.cat([enc["attention_mask"], r.action_mask.long()], 1))
     assert len(seen["prompts"]) == len(seen["responses"]) == 2  # the reward function saw both answers
-    assert r.scores.tolist() == [1.0, -3.0]  # the EOS-less answer gets --missing_eos_penalty instead of its score
+    assert r.scores.tolist() == [1.0, 2.0] and r.has_eos.tolist() == [True, False]  # as scored
     assert set(timings) == {"generation", "scoring"}
-    stats = trainer.shape_and_estimate(r, cfg, kl_coef=cfg.ppo.kl_coef, moments=None)
+    stats = experience.shape_and_estimate(r, cfg, kl_coef=cfg.ppo.kl_coef, moments=None)
+    # The EOS-less answer learns from --missing_eos_penalty instead of its score, at its last token.
+    # (the actor is still the reference: no KL penalty)
+    torch.testing.assert_close(r.rewards.sum(1), torch.tensor([1.0, -3.0]), atol=1e-5, rtol=0)
+    assert r.rewards[1, R - 1].item() == pytest.approx(-3.0, abs=1e-5)
+    assert stats["objective/learned_scores"].item() == pytest.approx((1.0 - 3.0) / 2)
     assert stats["ppo/response_length"].item() == pytest.approx((1 + R) / 2)
     assert torch.isfinite(r.advantages).all() and (r.advantages[0, 1:] == 0).all()
+
+
+# ------------------------------------------------------------------------------------ groups and learned scores
+
+def test_each_prompt_gets_n_answers_in_one_group_with_its_own_metadata(models):
+    tok, actor = models["tok"], models["actor"]
+    enc = tok(["hello there", "The quick brown fox"], return_tensors="pt", padding=True)
+    batch = {**enc, "metadata": [{"answer": "1"}, {"answer": "2"}],
+             "prompt_messages": [[{"role": "user", "content": "hello there"}],
+                                 [{"role": "user", "content": "The quick brown fox"}]]}
+    seen = {}
+
+    def reward(prompts, responses, metadata):
+        seen.update(prompts=prompts, metadata=metadata)
+        return [float(m["answer"]) for m in metadata]
+
+    m = trainer.Models(actor=actor, critic=None, ref=models["ref"], reward=FunctionReward(reward), tokenizer=tok)
+    cfg = from_flat(PPOConfig, {"max_answer_seq_len": 4, "advantage_estimator": "grpo", "n_samples_per_prompt": 3,
+                                "per_device_training_batch_size": 2})
+    torch.manual_seed(0)
+    r = experience.make_rollout(m, batch, cfg, n_samples=3, group_offset=10)
+    assert r.sequences.size(0) == 6 and r.values is None
+    assert r.group.tolist() == [10, 10, 10, 11, 11, 11]
+    assert seen["metadata"] == [{"answer": "1"}] * 3 + [{"answer": "2"}] * 3
+    assert seen["prompts"][:3] == [seen["prompts"][0]] * 3 and seen["prompts"][3] != seen["prompts"][0]
+    assert r.scores.tolist() == [1.0] * 3 + [2.0] * 3
+    P = enc["input_ids"].size(1)
+    assert all(torch.equal(r.sequences[i, :P], enc["input_ids"][i // 3]) for i in range(6))
+    # Sampled, not copied: the three answers to a prompt differ (on this random model).
+    assert len({tuple(row.tolist()) for row in r.responses[:3]}) > 1
+    experience.shape_and_estimate(r, cfg, kl_coef=0.0, moments=None)
+    assert (r.advantages == 0).all()  # each group scored alike: GRPO has nothing to learn from
+
+
+def test_the_missing_eos_penalty_is_the_score_learned_from_after_normalisation_and_clip():
+    r = rollout(3, 2, 4, 0, [4, 2, 4])
+    r.scores, r.has_eos = torch.tensor([10.0, 10.0, -20.0]), torch.tensor([False, True, True])
+    cfg = from_flat(PPOConfig, {"kl_coef": 0.0, "score_clip": 5.0, "missing_eos_penalty": -10.0})
+    experience.shape_and_estimate(r, cfg, kl_coef=0.0, moments=None)
+    assert r.rewards.sum(1).tolist() == [-10.0, 5.0, -5.0]  # not clipped to -5 nor normalised
+    r = rollout(3, 2, 4, 0, [4, 2, 4])
+    r.scores, r.has_eos = torch.tensor([10.0, 10.0, -20.0]), torch.tensor([False, True, True])
+    cfg = from_flat(PPOConfig, {"kl_coef": 0.0, "normalize_scores": True, "missing_eos_penalty": -10.0})
+    moments = RunningMoments()
+    experience.shape_and_estimate(r, cfg, kl_coef=0.0, moments=moments)
+    assert moments.count == 3 and moments.mean == pytest.approx(0.0)  # every score counts in the moments
+    assert r.rewards[0].sum().item() == -10.0 and r.rewards[1].sum().item() == pytest.approx(10 / moments.std)
+
+
+def sampled(models, cfg, n: int = 8):
+    """A scored rollout of the fixture's actor (ZeRO 0), advantages filled in."""
+    tok = models["tok"]
+    enc = tok(["hello there", "The quick brown fox", "a b", "dog"][: n // 2] * 2, return_tensors="pt", padding=True)
+    m = trainer.Models(actor=models["actor"], critic=None, ref=models["ref"],
+                       reward=FunctionReward(lambda p, r: [float(len(x)) for x in r]), tokenizer=tok)
+    torch.manual_seed(1)
+    r = experience.make_rollout(m, enc, cfg)
+    r.advantages = torch.randn(r.action_mask.shape)
+    return r
+
+
+def test_the_ema_moves_once_per_optimizer_step(tiny_model_dir, models):
+    path = str(tiny_model_dir("llama"))
+    tok = models["tok"]
+    actor = build_engine(load_model(path, tok, head="causal_lm", dropout=0.0), zero_stage=0, dtype="fp32",
+                         micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3)
+    cfg = from_flat(PPOConfig, {"max_answer_seq_len": 4, "per_device_generation_batch_size": 8,
+                                "per_device_training_batch_size": 2, "gradient_accumulation_steps": 2,
+                                "ppo_epochs": 1})
+    r = sampled(models, cfg)
+
+    class Spy:
+        calls = 0
+
+        def update(self, engine):
+            Spy.calls += 1
+
+    m = trainer.Models(actor=actor, critic=None, ref=None, reward=None, tokenizer=tok, ema=Spy())
+    stats = trainer.ppo_update(m, r, cfg)
+    assert Spy.calls == 2  # 4 minibatches, 2 per optimizer step: the decay per step is beta, not beta^2
+    assert set(stats) >= {"ppo/loss/policy", "ppo/policy/ratio"} and "ppo/loss/value" not in stats
+
+
+def test_step_denominators_make_token_mean_global_over_ranks_and_micro_batches():
+    """Two simulated ranks, 2 accumulated micro-batches each, ragged masks: the summed, DeepSpeed-scaled micro
+    losses equal the token mean over every token of the step, whatever rank or micro-batch holds it."""
+    from chatrlhf.training.step3_ppo.update import step_denominators
+
+    g = torch.Generator().manual_seed(0)
+    masks = [(torch.rand(4, 5, generator=g) > p).float() for p in (0.2, 0.7)]  # rank 1 has far fewer tokens
+    losses = [torch.randn(4, 5, generator=g) for _ in masks]
+    minibatches = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"):
+        counts = [torch.stack([core.aggregation_count(m[i], agg).double() for i in ([0, 1], [2, 3])]).sum().reshape(1)
+                  for m in masks]
+        total = sum(counts)
+        total_loss = 0.0
+        for mask, loss in zip(masks, losses):
+            denominators = step_denominators(mask, minibatches, 2, agg, world_size=2, all_reduce_sum=lambda t: total)
+            for index, d in zip(minibatches, denominators):
+                # DeepSpeed: the loss divided by the accumulation steps, the gradient averaged over 2 ranks.
+                total_loss += core.aggregate_loss(loss[index], mask[index], agg, d) / 2 / 2
+        everything = core.aggregate_loss(torch.cat(losses), torch.cat(masks), agg)
+        assert total_loss.item() == pytest.approx(everything.item(), abs=1e-6), agg
+
+
+def test_evaluation_leaves_every_devices_random_generator_alone(models, monkeypatch):
+    """torch.manual_seed reseeds every CUDA device too: the evaluation must save and restore them all, through
+    the accelerator, not only the CPU's generator. A fake two-device accelerator stands in for CUDA here."""
+    from torch.utils.data import DataLoader
+
+    from chatrlhf.training.step3_ppo.data import PromptCollator
+    from chatrlhf.utils import distributed as dist
+
+    class FakeAccelerator:
+        def __init__(self):
+            self.gens = [torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)]
+
+        def device_name(self):
+            return "fake"
+
+        def device_count(self):
+            return len(self.gens)
+
+        def get_rng_state(self, device_index=None):
+            return self.gens[device_index].get_state()
+
+        def set_rng_state(self, state, device_index=None):
+            self.gens[device_index].set_state(state)
+
+        def manual_seed_all(self, seed):
+            for g in self.gens:
+                g.manual_seed(seed)
+
+    fake = FakeAccelerator()
+    monkeypatch.setattr(dist, "accelerator", lambda: fake)
+    monkeypatch.setattr(dist, "device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", fake.manual_seed_all)  # what torch.manual_seed calls
+    tok = models["tok"]
+    loader = DataLoader([{"input_ids": tok("hello there")["input_ids"]}, {"input_ids": tok("a dog")["input_ids"]}],
+                        batch_size=2, collate_fn=PromptCollator(tok))
+    m = trainer.Models(actor=models["actor"], critic=None, ref=models["ref"],
+                       reward=FunctionReward(lambda p, r: [1.0] * len(r)), tokenizer=tok)
+    cfg = from_flat(PPOConfig, {"max_answer_seq_len": 3})
+    torch.manual_seed(3)
+    for g in fake.gens:
+        g.manual_seed(4)
+    before, cpu = [g.get_state() for g in fake.gens], torch.get_rng_state()
+    out = trainer.evaluate(m, loader, cfg, max_batches=1)
+    assert out["eval/answers"] == 2
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(fake.gens, before))
+    assert torch.equal(torch.get_rng_state(), cpu)

@@ -1,0 +1,3 @@
+from chatrlhf.training.step2_dpo.main import main
+
+main()
