@@ -25,16 +25,16 @@ OUT=${OUT:-output/step3_${ESTIMATOR}_arithmetic}
 
 if [[ $ESTIMATOR == gae ]]; then
   # 8 prompts x 1 answer per rank: as many answers per step as 1 prompt x 8 answers; the critic trains with LoRA too.
-  GROUPS=(--advantage_estimator gae --n_samples_per_prompt 1 --per_device_generation_batch_size 8
+  ESTIMATOR_FLAGS=(--advantage_estimator gae --n_samples_per_prompt 1 --per_device_generation_batch_size 8
           --critic_model_name_or_path smollm2-135m-instruct --critic_lora_dim 16 --critic_lora_alpha 32
           --critic_learning_rate 1e-4 --critic_lora_learning_rate 2e-4)
 else
-  GROUPS=(--advantage_estimator "$ESTIMATOR" --n_samples_per_prompt 8 --per_device_generation_batch_size 1)
+  ESTIMATOR_FLAGS=(--advantage_estimator "$ESTIMATOR" --n_samples_per_prompt 8 --per_device_generation_batch_size 1)
 fi
 
 # One thread per rank: two ranks already use both cores.
 OMP_NUM_THREADS=1 deepspeed --num_gpus 2 training/step3_ppo/main.py \
-  --actor_model_name_or_path smollm2-135m-instruct "${GROUPS[@]}" \
+  --actor_model_name_or_path smollm2-135m-instruct "${ESTIMATOR_FLAGS[@]}" \
   --data_path training/data/bundled/arithmetic_word_problems.jsonl.gz --data_split 0,0,1 --eval_fraction 0.1 \
   --reward_function chatrlhf.training.step3_ppo.verifiable:final_number_match \
                     chatrlhf.training.step3_ppo.verifiable:number_format --reward_weights 1.0 0.2 \
