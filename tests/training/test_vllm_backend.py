@@ -229,8 +229,8 @@ def family_config(family: str, vocab_size: int):
         "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
                                     word_embed_proj_dim=64, max_position_embeddings=128, vocab_size=vocab_size),
         "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=128, vocab_size=vocab_size),
-        "qwen2": lambda: tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        "qwen2": lambda: tf.Qwen2Config(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1,  # vLLM: hidden / heads
                                         max_position_embeddings=128, vocab_size=vocab_size),
         "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=2, max_position_embeddings=128, vocab_size=vocab_size),
