@@ -124,10 +124,7 @@ def train(models: Models, prompts, eval_loader, cfg, logger, total_steps: int, p
         if models.generator is not None:  # mean |vLLM - actor| log-prob of the sampled tokens: the engines agree?
             metrics.update(models.generator.pop_metrics("rollout"))
         t2 = time.time()
-        # 6. KL controller, step metrics (the mean over ranks), answers
-        kl_now = dist.all_reduce_mean(metrics["objective/kl"].detach().float().to(dist.device())).item()
-        kl_ctl.update(kl_now, r.sequences.size(0) * dist.get_world_size())
-        state.extra.update(kl_coef=kl_ctl.value, score_moments=moments.state_dict() if moments is not None else None)
+        # 6. step metrics (the mean over ranks), KL controller, answers
         generated = dist.all_reduce_sum(r.action_mask.sum().to(dist.device())).item()
         t_total = timings["generation"] + timings["scoring"] + t2 - t1
         metrics.update({"time/generation": timings["generation"], "time/scoring": timings["scoring"],
@@ -136,9 +133,12 @@ def train(models: Models, prompts, eval_loader, cfg, logger, total_steps: int, p
                         "throughput/tokens_per_second": generated / max(t_total, 1e-9)})
         # The mean over ranks of every metric in one all-reduce (one per metric cost ~19 collectives a step).
         keys = list(metrics)
-        local = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).detach().cpu().reshape(()) for k in keys])
-        means = dist.all_reduce_mean(local.to(dist.device())).tolist()
-        metrics = dict(zip(keys, means))
+        local = torch.stack([torch.as_tensor(metrics[k]).detach().to(dist.device(), torch.float64).reshape(())
+                             for k in keys])  # stacked on the device: one sync for all of them, not one per metric
+        metrics = dict(zip(keys, dist.all_reduce_mean(local).tolist()))
+        # The KL controller reads the same mean (no collective of its own).
+        kl_ctl.update(metrics["objective/kl"], r.sequences.size(0) * dist.get_world_size())
+        state.extra.update(kl_coef=kl_ctl.value, score_moments=moments.state_dict() if moments is not None else None)
         # Sample answers: printed with --print_answers; in samples.jsonl (and a wandb table) with either flag.
         if (cfg.print_answers or run.report_to != "none") and (state.step + 1) % cfg.print_answers_interval == 0:
             logger.samples(state.step + 1, _answers(r, models.tokenizer, show=cfg.print_answers))
