@@ -6,18 +6,24 @@ config, the flags, bytes out. What it counts, per rank:
 
 - parameters: N x bytes(dtype), / world size under ZeRO-3 (plus the layers ZeRO-3 gathers at a time);
 - gradients of the T trained parameters: T x bytes(dtype), / world size under ZeRO-2/3, plus the reduce bucket
-  (ZeRO-2: 5e7 elements, ZeRO-3: DeepSpeed's default 5e8; whole on a GPU, the written part on the CPU);
+  (ZeRO-2: 5e7 elements, ZeRO-3: DeepSpeed's default 5e8; whole on a GPU, the written part on the CPU); on the CPU
+  under ZeRO-2/3 also autograd's own T x bytes(dtype) (each weight's gradient is materialised whole before ZeRO
+  copies it into the bucket; freed, it stays resident);
 - optimizer: Adam's two fp32 moments, 8 T bytes, plus DeepSpeed's fp32 master copy (4 T) under bf16/fp16 or any
-  ZeRO stage; / world size under ZeRO 1-3; on the host with --offload (and ZeRO-3's parameters with it);
+  ZeRO stage; / world size under ZeRO 1-3; on the host with --offload (and ZeRO-3's parameters with it); on the
+  CPU under ZeRO 1-3 with 16-bit weights also the fp32 copy of the gradient partition the optimizer step makes
+  (4 T / world size);
 - LoRA: T is the adapters (+ a score head) with --only_optimize_lora, else everything but the wrapped weights;
 - activations kept for backward: per token and layer (6h + 2 kv + 4 i) values for a LLaMA-style block (h hidden,
-  kv key/value width, i MLP width; 4h + 2kv + 3i for an ungated MLP), for micro-batch x sequence tokens; with
-  gradient checkpointing only each layer's input (h) plus one layer's worth;
+  kv key/value width, i MLP width; 4h + 2kv + 3i for an ungated MLP), plus, for a LLaMA-style block, the inputs
+  of its two RMSNorms in fp32 whatever the dtype (2h x 4 bytes: transformers' RMSNorm upcasts and saves them), for
+  micro-batch x sequence tokens; with gradient checkpointing only each layer's input (h) plus one layer's worth;
 - the language-model head's logits: micro-batch x tokens x vocab, the logits plus the fp32 log-softmax and its
   gradient (LOGIT_COPIES copies at 4 bytes); a score head's are negligible;
 - step 3: generation's KV cache (2 L kv x (prompt + answer) x answers per call; with vLLM its weights and
   --vllm_kv_cache_gb), the whole actor gathered for generation under ZeRO-3, the frozen reference and reward
-  models (sharded or whole as --reference_zero_stage / --reward_zero_stage decide), scoring's logits, and the PPO
+  models (sharded or whole as --reference_zero_stage / --reward_zero_stage decide), scoring's logits (a PPO
+  minibatch of rows at a time, however many answers a rollout has), and the PPO
   minibatch's activations (actor and critic in turn, not at once; no critic for critic-free estimators);
 - RUNTIME_BYTES: the framework itself (CUDA context and allocator slack on a GPU; the Python process with torch,
   DeepSpeed and transformers on the CPU).
@@ -92,9 +98,16 @@ class Shape:
         return self.layers * sum(a * b for a, b in self.block_linears())
 
     def activation_values(self) -> int:
-        """Values one token keeps for backward in one block (see the module docstring)."""
+        """Values (in the training dtype) one token keeps for backward in one block (see the module docstring)."""
         h, kv, i = self.hidden, self.kv_dim, self.intermediate
         return 6 * h + 2 * kv + (4 * i if self.gated else 3 * i) - (0 if self.gated else 2 * h)
+
+    def activation_fp32_bytes(self) -> int:
+        """Bytes one token keeps in fp32 in one block whatever the dtype: a LLaMA-style block's two RMSNorms cast
+        their input to fp32 and save that copy for backward (transformers' LlamaRMSNorm and its kin; counted by
+        saved-tensor hooks on SmolLM2 in bf16: 2 x 576 fp32 values a token and layer). In fp32 the copy is the
+        residual stream itself, which nothing else in the block saves, so it counts there too."""
+        return 2 * self.hidden * 4 if self.gated else 0
 
 
 @dataclass(frozen=True)
@@ -168,9 +181,14 @@ def model_states(name: str, m: Trained, dtype: str, world: int, on_cpu: bool = T
                     params if on_host else 0.0, _note_params(n, stage, world) + (", offloaded" if on_host else "")))
     bucket = {2: ZERO2_BUCKET, 3: ZERO3_BUCKET}.get(stage, 0)
     bucket = (min(t, bucket) if on_cpu else bucket) * p
-    grads = t * p / (world if stage >= 2 else 1) + bucket
+    # On the CPU, ZeRO-2/3's autograd still materialises every weight's gradient whole (T x bytes) before the hook
+    # copies it into the bucket; freed, those blocks stay resident (measured: backward adds ~2 T x bytes on
+    # SmolLM2, these plus the partition and the bucket). On a GPU the caching allocator reuses them.
+    autograd = t * p if on_cpu and stage >= 2 else 0.0
+    grads = t * p / (world if stage >= 2 else 1) + bucket + autograd
     rows.append(Row(f"{name} gradients", grads, 0.0, f"{_count(t)} trained" + (f" / {world}" if stage >= 2 else "")
-                    + (f" + {human(bucket)} reduce bucket" if bucket else "")))
+                    + (f" + {human(bucket)} reduce bucket" if bucket else "")
+                    + (f" + {human(autograd)} autograd's, resident" if autograd else "")))
     master = 4 * t if (p != 4 or stage >= 1) else 0  # DeepSpeed's fp32 copy of the trained weights
     optim = (8 * t + master) / shard
     if m.offload:  # ZeRO-Offload: fp32 master, moments and the fp32 gradient partition live on the host
@@ -180,6 +198,13 @@ def model_states(name: str, m: Trained, dtype: str, world: int, on_cpu: bool = T
                         + (f" / {shard}" if shard > 1 else "")))
         if on_cpu and stage == 0:  # torch's AdamW (foreach) makes an fp32 temporary of each weight it steps: small
             rows.append(Row(f"{name} optimizer step", 4 * t, 0.0, "AdamW temporaries"))  # tensors, kept resident
+        elif on_cpu and stage >= 1 and p != 4:
+            # DeepSpeed's ZeRO optimizers step the fp32 master with an fp32 copy of the (16-bit) gradient partition
+            # made at each step (stage_1_and_2: averaged_gradients .to(fp32); stage3:
+            # _prepare_fp32_grad_for_sub_group).
+            # Freed after the step, it stays resident on the CPU (measured: the step adds 8 T / world for m, v plus
+            # 4 T / world); on a GPU it lives only during the step, when the activations are gone.
+            rows.append(Row(f"{name} optimizer step", 4 * t / shard, 0.0, "fp32 gradient partition"))
     return rows
 
 
@@ -207,7 +232,7 @@ def activation_parts(m: Trained, dtype: str, batch: int, seq: int, logits_len: i
     values = s.activation_values()
     if on_cpu and m.lora_dim > 0:
         values += sum(out for _, out in s.block_linears())
-    per_layer = tokens * values * p
+    per_layer = tokens * (values * p + s.activation_fp32_bytes())
     blocks = (s.layers * tokens * s.hidden * p + per_layer) if m.gradient_checkpointing else s.layers * per_layer
     logits = 0.0
     if m.head == "causal_lm":
@@ -260,14 +285,18 @@ def ppo_plan(actor: Trained, critic: Trained | None, *, dtype: str, world: int, 
     generation = kv_cache(a, dtype, gen_batch, seq) + gathered + gen_batch * a.vocab * 4 * 2
     if vllm_kv_cache is not None:  # a vLLM engine of its own: a copy of the weights and its reserved KV cache
         generation = n_actor * DTYPE_BYTES[dtype] + vllm_kv_cache
-    scoring = gen_batch * (answer_len + 1) * a.vocab * (DTYPE_BYTES[dtype] + 4) + \
+    # Scoring (experience.make_rollout -> rollout.score) runs the actor and reference a PPO minibatch of rows at a
+    # time, so its logits are those of `train_batch` rows, not of all `gen_batch` answers (n answers per prompt
+    # do not multiply them); the reward model scores every answer at once (no logits, hidden states only).
+    chunk = min(train_batch, gen_batch)
+    scoring = chunk * (answer_len + 1) * a.vocab * (DTYPE_BYTES[dtype] + 4) + \
         gen_batch * seq * a.hidden * DTYPE_BYTES[dtype] * 4
     actor_act = activations(actor, dtype, train_batch, seq, logits_len=answer_len + 1, on_cpu=on_cpu)
     critic_act = activations(critic, dtype, train_batch, seq, on_cpu=on_cpu) if critic is not None else 0.0
     gen_name = ("generation (vLLM: weights + KV cache)" if vllm_kv_cache is not None else
                 f"generation (KV cache {gen_batch} x {seq}" + (", actor gathered)" if gathered else ")"))
     update = f"{train_batch} x {seq} tokens" + (", checkpointed" if actor.gradient_checkpointing else "")
-    phases = {gen_name: generation, f"scoring ({gen_batch} x {answer_len + 1} logits)": scoring}
+    phases = {gen_name: generation, f"scoring ({chunk} x {answer_len + 1} logits at a time)": scoring}
     if on_cpu or critic is None:  # on the CPU what the actor's update freed stays resident for the critic's
         phases[f"PPO update: actor ({update})"] = actor_act
         if critic is not None:

@@ -13,6 +13,7 @@ SHAPE = mp.Shape(vocab=1000, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=
 BLOCK = 4096 + 2048 + 2048 + 4096 + 3 * 8192  # 36864
 N = 1000 * 64 + 2 * (BLOCK + 2 * 64) + 64     # embeddings + 2 blocks (+ 2 norms each) + final norm = 138048
 RUNTIME = mp.RUNTIME_BYTES["cpu"]
+NORMS = 2 * 64 * 4  # a LLaMA block's two RMSNorm inputs, saved in fp32 whatever the dtype: bytes a token and layer
 
 
 def test_parameter_counts():
@@ -21,6 +22,7 @@ def test_parameter_counts():
     assert SHAPE.lora_params(8) == 2 * 8 * (128 + 96 + 96 + 128 + 3 * 192) == 16384
     assert SHAPE.wrapped_weights() == 2 * BLOCK
     assert SHAPE.activation_values() == 6 * 64 + 2 * 32 + 4 * 128 == 960
+    assert SHAPE.activation_fp32_bytes() == NORMS == 512
     assert mp.trainable_params(mp.Trained(SHAPE, lora_dim=8, only_optimize_lora=True)) == 16384
     # Without --only_optimize_lora the wrapped weights freeze and the rest (embeddings, norms) trains.
     assert mp.trainable_params(mp.Trained(SHAPE, lora_dim=8)) == N - 2 * BLOCK + 16384
@@ -45,8 +47,8 @@ def test_zero0_fp32_plan_by_hand():
     assert rows["model parameters"] == rows["model gradients"] == 4 * N
     assert rows["model optimizer"] == 8 * N  # Adam's m and v; a torch optimizer keeps no fp32 master in fp32
     assert rows["model optimizer step"] == 4 * N  # torch AdamW's temporary, which the CPU keeps
-    act = 20 * 960 * 4 * 2 + 2 * 10 * 1000 * (4 + 3 * 4)  # blocks + logits with the fp32 log-softmax copies
-    assert list(plan.phases.values()) == [act] == [473600]
+    act = 20 * (960 * 4 + NORMS) * 2 + 2 * 10 * 1000 * (4 + 3 * 4)  # blocks + logits with the fp32 log-softmax
+    assert list(plan.phases.values()) == [act] == [494080]
     assert plan.device_peak == 20 * N + RUNTIME + act
     gpu = mp.supervised_plan(m, dtype="fp32", world=1, batch=2, seq=10, on_cpu=False)
     assert gpu.device_peak == 16 * N + mp.RUNTIME_BYTES["gpu"] + act  # FusedAdam: no temporaries
@@ -62,7 +64,11 @@ def test_zero_stages_bf16_and_offload_by_hand():
     assert z2["model parameters"].device == 2 * N
     assert z2["model gradients"].device == 2 * N / 2 + 2 * 5e7  # the partition + ZeRO-2's bucket, whole on a GPU
     on_cpu = mp.supervised_plan(mp.Trained(SHAPE, zero_stage=2), **dict(two, on_cpu=True)).rows
-    assert on_cpu[1].device == 2 * N / 2 + 2 * N  # on the CPU only the written part of the bucket is resident
+    # On the CPU only the written part of the bucket is resident, and autograd's whole gradients stay resident too.
+    assert on_cpu[1].device == 2 * N / 2 + 2 * N + 2 * N
+    # ... and the fp32 copy of the gradient partition that DeepSpeed's step makes (on a GPU: gone with the step).
+    assert {r.name: r.device for r in on_cpu}["model optimizer step"] == 4 * N / 2
+    assert "model optimizer step" not in z2
     assert z2["model optimizer"].device == (8 * N + 4 * N) / 2  # moments + fp32 master, sharded
     z3 = {r.name: r for r in mp.supervised_plan(mp.Trained(SHAPE, zero_stage=3), **two).rows}
     assert z3["model parameters"].device == 2 * N / 2 + 2 * N  # the shard + what ZeRO-3 gathers at a time
@@ -70,7 +76,8 @@ def test_zero_stages_bf16_and_offload_by_hand():
     off = {r.name: r for r in mp.supervised_plan(mp.Trained(SHAPE, zero_stage=2, offload=True), **two).rows}
     assert off["model optimizer"].device == 0 and off["model optimizer"].host == (12 * N + 4 * N) / 2
     checkpointed = mp.supervised_plan(mp.Trained(SHAPE, gradient_checkpointing=True), **two)
-    assert list(checkpointed.phases.values()) == [2 * 20 * 64 * 2 + 20 * 960 * 2 + 2 * 10 * 1000 * (2 + 12)]
+    assert list(checkpointed.phases.values()) == [2 * 20 * 64 * 2 + 20 * (960 * 2 + NORMS)
+                                                  + 2 * 10 * 1000 * (2 + 12)]
 
 
 def test_ppo_plan_counts_four_models_and_the_largest_phase():
@@ -83,8 +90,10 @@ def test_ppo_plan_counts_four_models_and_the_largest_phase():
     kv = 2 * 2 * 32 * 4 * 10 * 4
     phases = list(plan.phases.values())
     assert phases[0] == kv + 4 * 1000 * 4 * 2  # KV cache + a step's logits
-    assert phases[2] == 2 * 10 * 960 * 4 * 2 + 2 * 5 * 1000 * 16  # the actor's activations, logits of 5 positions
-    assert phases[3] == 2 * 10 * 960 * 4 * 2  # the critic's: no logits
+    # scoring: the actor's and reference's logits a minibatch (2 rows) at a time, the reward model's hidden states
+    assert phases[1] == 2 * 5 * 1000 * (4 + 4) + 4 * 10 * 64 * 4 * 4
+    assert phases[2] == 2 * 10 * (960 * 4 + NORMS) * 2 + 2 * 5 * 1000 * 16  # the actor's, logits of 5 positions
+    assert phases[3] == 2 * 10 * (960 * 4 + NORMS) * 2  # the critic's: no logits
     static = 20 * N + 20 * (N + 64) + 4 * N + 4 * (N + 64) + RUNTIME
     assert plan.device_peak == static + sum(phases)  # on the CPU what a phase frees stays resident
     gpu = mp.ppo_plan(actor, critic, dtype="fp32", world=1, gen_batch=4, train_batch=2, prompt_len=6,
@@ -142,3 +151,33 @@ def test_each_step_prints_its_plan_and_refuses_what_does_not_fit(tiny_model_dir,
     assert not (tmp_path / "out" / "model.safetensors").exists()
     sft_main.run(from_flat(SFTConfig, dict(flags, memory_check=False)))  # the escape hatch
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_reward_pairs_and_grpo_samples_grow_the_plan_by_what_they_allocate():
+    """Step 2 trains chosen and rejected rows in one forward; GRPO generates n answers a prompt. The plan grows with
+    both by the terms those allocate, and under ZeRO-2 on the CPU by the gradients' fp32 step copy and autograd's
+    resident gradients (step 2 measured 32% over the old plan, which missed them)."""
+    two = dict(dtype="bf16", world=2, batch=4, seq=256, on_cpu=True)
+    score = mp.Trained(SHAPE, head="score", zero_stage=2)
+    single = mp.supervised_plan(score, **two)
+    pairs = mp.supervised_plan(score, **two, pairs=True)
+    tokens = 4 * 256
+    block = SHAPE.layers * (960 * 2 + NORMS)  # bf16 values plus the RMSNorms' fp32 inputs
+    assert pairs.transient == 2 * single.transient == 2 * tokens * block  # two sequences a pair, no LM logits
+    t = SHAPE.num_params("score")
+    rows = {r.name: r.device for r in pairs.rows}
+    assert rows["model gradients"] == 2 * t / 2 + 2 * t + 2 * t  # partition + bucket (written part) + autograd's
+    assert rows["model optimizer step"] == 4 * t / 2
+
+    actor = mp.Trained(SHAPE, zero_stage=2)
+    def grpo(n):
+        return mp.ppo_plan(actor, None, dtype="bf16", world=2, gen_batch=4 * n, train_batch=4, prompt_len=6,
+                           answer_len=4, on_cpu=True, reference=SHAPE, reward=SHAPE)
+    one, four = grpo(1), grpo(4)
+    kv = 2 * SHAPE.layers * 32 * 10 * 2  # a sequence's KV cache, bf16
+    gen = [v for k, v in four.phases.items() if k.startswith("generation")][0]
+    assert gen == 16 * kv + 16 * 1000 * 4 * 2  # n answers a prompt: n times the KV cache and the sampling logits
+    score1, score4 = ([v for k, v in p.phases.items() if k.startswith("scoring")][0] for p in (one, four))
+    # the logits are a minibatch's whatever n; the reward model's forward over every answer grows with n
+    assert score4 - score1 == (16 - 4) * 10 * 64 * 2 * 4
+    assert four.device_peak > one.device_peak
