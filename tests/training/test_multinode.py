@@ -8,7 +8,6 @@ multi_node --no-ssh` must train the same model as a single-node 2-rank run: same
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -104,9 +103,8 @@ def one_node(setup, deepspeed_launch):
 
 def test_two_nodes_without_ssh_train_the_model_of_one_node(setup, one_node):
     root, model, data = setup
-    launcher = shutil.which("deepspeed")
     out, hosts, port = root / "two_nodes", hostfile(root), free_port()
-    commands = [[sys.executable, launcher, "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(rank),
+    commands = [[sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(rank),
                  "--master_addr", "127.0.0.1", "--master_port", str(port), "main.py",
                  *flags(model, out, data, root / f"cache{rank}")] for rank in (0, 1)]
     run_nodes(commands, STEP1, root)
