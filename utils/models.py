@@ -157,16 +157,18 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
 
 def lora_target_modules(model, module_name: str | None) -> list[str]:
     """Names of the Linear layers that get LoRA: those whose name contains `module_name` (DeepSpeed-Chat's
-    substring rule), or with None every one inside the transformer blocks (`decoder_layers`; not OPT's
-    project_in/project_out, which sit outside them). Output heads never do."""
+    substring rule; several substrings separated by commas select the union, e.g. the last two blocks'
+    "model.layers.28.,model.layers.29."), or with None every one inside the transformer blocks
+    (`decoder_layers`; not OPT's project_in/project_out, which sit outside them). Output heads never do."""
     from transformers.pytorch_utils import Conv1D  # GPT-2's Linear
 
     blocks = decoder_layers(model)[0] + "." if module_name is None else None
+    parts = [m for m in module_name.split(",") if m] if module_name is not None else []
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, Conv1D)) or name.split(".")[-1] in HEAD_NAMES:
             continue
-        if (module_name in name) if module_name is not None else name.startswith(blocks):
+        if any(m in name for m in parts) if module_name is not None else name.startswith(blocks):
             names.append(name)
     if not names:
         where = f"--lora_module_name {module_name!r}" if module_name else "the model"

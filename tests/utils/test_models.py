@@ -315,6 +315,15 @@ def test_lora_module_name_selects_one_block(tiny_model_dir):
     assert len(targets) == 7 and all(".layers.1." in n for n in targets)
 
 
+def test_lora_module_names_separated_by_commas_select_the_union(tiny_model_dir):
+    path = str(tiny_model_dir("llama"))
+    model = models.load_model(path, models.load_tokenizer(path))
+    both = models.lora_target_modules(model, "layers.0.,layers.1.")
+    assert sorted(both) == sorted(models.lora_target_modules(model, "layers.0.")
+                                  + models.lora_target_modules(model, "layers.1."))
+    assert len(both) == 14
+
+
 @pytest.mark.parametrize("module_name", ["no_such_layer", "lm_head", "embed_tokens"])
 def test_lora_module_name_without_match_is_a_clear_error(tiny_model_dir, module_name):
     path = str(tiny_model_dir("llama"))

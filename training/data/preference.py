@@ -55,11 +55,16 @@ def tokenize_pairs_with_prompt_length(batch, tokenizer, max_seq_len, max_prompt_
 @dataclass
 class PairCollator:
     """Chosen rows then rejected rows in one right-padded batch, input_ids/attention_mask [2B, T]
-    (row i and row B + i are a pair)."""
+    (row i and row B + i are a pair), plus answer_lengths [2B] (tokens after the shared prompt, eos included)
+    when the pairs carry prompt_length."""
     tokenizer: object
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         input_ids, mask = pad(rows, pad_id(self.tokenizer), "right", self.pad_to_multiple_of)
-        return {"input_ids": input_ids, "attention_mask": mask}
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if features and "prompt_length" in features[0]:
+            prompt = torch.as_tensor([int(f["prompt_length"]) for f in features] * 2, dtype=torch.long)
+            batch["answer_lengths"] = mask.sum(-1) - prompt
+        return batch

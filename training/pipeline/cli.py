@@ -94,8 +94,9 @@ class PipelineOptions:
     launcher: str = "auto"
     """advanced: how steps start (auto: deepspeed on GPUs, python -m on CPU; inprocess: run(config) in this
     process)"""
-    report_samples: int = 4
-    """held-out prompts answered by the SFT model and the final (RLHF or DPO) model in the report (0: none)"""
+    report_samples: int = 8
+    """held-out prompts whose SFT and final (RLHF or DPO) answers the report shows side by side (0: none); after
+    step 3 they are the evaluation's own answers, sampled as it sampled them"""
     dry_run: bool = False
     """check everything and print the commands; run nothing"""
     command: str = ""
@@ -390,12 +391,15 @@ def run_pipeline(opts: PipelineOptions) -> dict:
         say(f"node {opts.node_rank} done; node 0 writes the report")
         return {"steps": results, "report": None, "plan": plan}
     start = time.time()
-    with _threads(env.get("OMP_NUM_THREADS")):
+    # Results depend on the thread count (the order of floating-point sums), so the summary names it.
+    threads = env.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    with _threads(threads):
         report = write_report(plan, results, command=opts.command or "run_pipeline(...)", deployment=deployment,
-                              samples=opts.report_samples)
+                              samples=opts.report_samples, threads=int(threads) if threads else None)
     say(f"report written in {time.time() - start:.0f} s: {report}")
     extra = [["report", duration(time.time() - start), "", "", ""],
-             ["whole command", duration(time.time() - began), "", "", ""]]
+             ["whole command", duration(time.time() - began),
+              f"{threads} thread(s) per step: a rerun with as many gives the same figures" if threads else "", "", ""]]
     print("\n" + format_table(summary_rows(plan, results) + extra) + "\n", flush=True)
     return {"steps": results, "report": report, "plan": plan}
 

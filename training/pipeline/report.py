@@ -16,14 +16,17 @@ logger = logging.getLogger(__name__)
 # Per step name: (metric key, label, format) shown as "before -> after" (first and last evaluation of the run).
 KEY_METRICS = {
     "step1_sft": [("eval/perplexity", "eval perplexity", "{:.2f}")],
-    "step2_reward": [("eval/accuracy", "held-out pairwise accuracy", "{:.3f}")],
+    "step2_reward": [("eval/accuracy", "held-out pairwise accuracy", "{:.3f}"),
+                     ("eval/shorter_wins", '"the shorter answer wins" on the same pairs', "{:.3f}"),
+                     ("eval/accuracy_length_controlled", "accuracy on pairs within 20% in length", "{:.3f}")],
     "step2_dpo": [("eval/accuracy", "held-out preference accuracy (implicit reward; ties half)", "{:.3f}"),
                   ("eval/logprob_accuracy", "held-out log-prob accuracy (chosen more likely)", "{:.3f}"),
                   ("eval/chosen_logprob", "log-prob of the held-out chosen answers", "{:.2f}"),
                   ("eval/kl_chosen", "KL to SFT on the chosen answers (nats)", "{:.2f}")],
     "step3_ppo": [("eval/score_mean", "held-out reward score", "{:+.3f}"),
                   ("eval/kl", "held-out KL to SFT (nats)", "{:.2f}"),
-                  ("eval/response_length", "answer length (tokens)", "{:.1f}")],
+                  ("eval/response_length", "answer length (tokens)", "{:.1f}"),
+                  ("eval/eos_fraction", "answers that end (EOS before the cap)", "{:.2f}")],
 }
 
 
@@ -74,9 +77,34 @@ def summary_rows(plan: Plan, results: dict) -> list[list[str]]:
             first = False
         if first:
             rows.append([name, wall, "(no metrics)", "", ""])
+        if steps[n].name == "step3_ppo":
+            rows += comparison_rows(_step_dir(plan, n))
     total = sum(r.get("wall_time_s") or 0 for r in results.values() if not r.get("skipped"))
     rows.append(["steps run now", duration(total), "", "", ""])
     return rows
+
+
+def _step_dir(plan: Plan, number: int) -> Path:
+    return next(p.output_dir for p in plan.steps if p.step.number == number)
+
+
+def comparison_rows(step3_dir: Path) -> list[list[str]]:
+    """Summary rows of the paired held-out comparison (none when step 3 wrote no answers)."""
+    c = heldout_comparison(step3_dir)
+    if c is None:
+        return []
+    return [["", "", f"score gain, paired over {c.n} prompts (+- 1 SE)", "",
+             f"{c.gain:+.3f} +- {c.gain_se:.3f}"],
+            ["", "", "score gain at equal answer length (+- 1 SE)", "",
+             f"{c.gain_at_equal_length:+.3f} +- {c.gain_at_equal_length_se:.3f}"]]
+
+
+def heldout_comparison(step3_dir: Path):
+    """compare.Comparison of step 3's first and last evaluation, or None."""
+    from chatrlhf.training.step3_ppo import compare
+
+    pair = compare.first_and_last(step3_dir)
+    return compare.compare(*pair) if pair is not None else None
 
 
 def format_table(rows: list[list[str]], header=("step", "wall time", "metric", "before", "after")) -> str:
@@ -215,8 +243,12 @@ def _last_user(prompt) -> str:
         f" *(after {earlier} earlier turns)*" if earlier > 0 else "")
 
 
+def cell(text) -> str:
+    """A markdown table cell: pipes escaped, line breaks as <br>."""
+    return (str(text).strip() or "(empty answer)").replace("|", "\\|").replace("\n", "<br>")
+
+
 def samples_markdown(records: list[dict], final: str = "RLHF model (step 3)", short: str = "RLHF") -> str:
-    cell = lambda c: (str(c).strip() or "(empty answer)").replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
     out = [f"| prompt (last user turn) | SFT model (step 1) | {final} |", "|---|---|---|"]
     for r in records:
         score = lambda name: f"<br>**score {r[name + '_score']:+.3f}**" if name + "_score" in r else ""  # noqa: E731
@@ -229,8 +261,58 @@ def samples_markdown(records: list[dict], final: str = "RLHF model (step 3)", sh
     return "\n".join(out)
 
 
+# ---- step 3: the held-out answers, SFT against RLHF --------------------------------------------------------
+def eval_cap(flags: dict) -> int:
+    """The evaluation's answer cap, as step 3 resolves it (twice the training cap by default)."""
+    return int(flags.get("eval_max_answer_seq_len") or 2 * int(flags.get("max_answer_seq_len", 256)))
+
+
+def heldout_section(p, out: Path, samples: int) -> list[str]:
+    """The comparison of the SFT and the RLHF model's held-out answers: table, score-vs-length plot, samples."""
+    from chatrlhf.training.step3_ppo import compare
+
+    pair = compare.first_and_last(p.output_dir)
+    if pair is None:
+        return []
+    before, after = pair
+    c = compare.compare(before, after)
+    cap = eval_cap(p.flags)
+    png = out / "report" / "step3_length.png"
+    compare.plot_score_vs_length(before, after, png, cap=cap)
+    how = "greedy" if p.flags.get("eval_greedy") else "sampled as in training, with the same seed for both models"
+    lines = ["## Held-out answers: SFT against RLHF", "",
+             f"The same {c.n} held-out prompts, one answer each ({how}; at most {cap} tokens, "
+             f"{cap / int(p.flags.get('max_answer_seq_len', cap)):g}x the training cap), scored by the step-2 reward "
+             "model.", "",
+             "| | SFT model (step 1) | RLHF model (step 3) |", "|---|---|---|",
+             f"| mean reward-model score | {c.score[0]:+.3f} | {c.score[1]:+.3f} |",
+             f"| mean answer length (tokens) | {c.length[0]:.1f} | {c.length[1]:.1f} ({c.length_change:+.0%}) |",
+             f"| answers that end (EOS before the cap) | {c.eos[0]:.2f} | {c.eos[1]:.2f} |", "",
+             f"- Score gain, prompt by prompt: **{c.gain:+.3f} +- {c.gain_se:.3f}** (1 SE; {c.z:.1f} SE).",
+             f"- At equal length (the gain with the length difference regressed out; one token more is worth "
+             f"{c.score_per_token:+.4f}): **{c.gain_at_equal_length:+.3f} +- {c.gain_at_equal_length_se:.3f}**.",
+             f"- On the {c.both_ended} prompts where both answers ended before the cap (a cut answer is scored at a "
+             f"token that is not an EOS, where the reward model never learned): "
+             f"**{c.gain_both_ended:+.3f} +- {c.gain_both_ended_se:.3f}**.", "",
+             f"![score against length]({png.relative_to(out).as_posix()})", ""]
+    if samples > 0:
+        lines += [f"Answers to the first {min(samples, c.n)} of these prompts, as the evaluation sampled them:", "",
+                  eval_samples_markdown(before, after, samples), ""]
+    return lines
+
+
+def eval_samples_markdown(before: dict, after: dict, n: int) -> str:
+    show = lambda r: (f"{cell(r['answer'])}<br>**score {r['score']:+.3f}**, {r['length']} tokens"  # noqa: E731
+                      + ("" if r["eos"] else ", cut at the cap"))
+    out = ["| prompt (last user turn) | SFT model (step 1) | RLHF model (step 3) |", "|---|---|---|"]
+    for key in sorted(set(before) & set(after))[:n]:
+        out.append(f"| {cell(_last_user(before[key]['prompt']))} | {show(before[key])} | {show(after[key])} |")
+    return "\n".join(out)
+
+
 # ---- the report --------------------------------------------------------------------------------------------
-def write_report(plan: Plan, results: dict, *, command: str, deployment: str, samples: int) -> Path:
+def write_report(plan: Plan, results: dict, *, command: str, deployment: str, samples: int,
+                 threads: int | None = None) -> Path:
     """Writes `<output>/report.md` (+ PNGs under `<output>/report/`); returns its path."""
     from chatrlhf.training.pipeline.recipes import human_size
 
@@ -243,7 +325,9 @@ def write_report(plan: Plan, results: dict, *, command: str, deployment: str, sa
     lines = ["# chatrlhf pipeline report", "",
              f"- command: `{command}`",
              models,
-             f"- deployment: {deployment}; recipe: `{plan.recipe}`",
+             f"- deployment: {deployment}" + (f", {threads} thread(s) per step (a rerun with the same thread count "
+                                              "gives the same figures)" if threads else "")
+             + f"; recipe: `{plan.recipe}`",
              "- step outputs: " + ", ".join(f"`{p.output_dir}`" for p in plan.steps), "",
              "## Summary", "", markdown_table(rows), "",
              "Before and after are each step's first and last evaluation on its held-out split: "
@@ -251,8 +335,11 @@ def write_report(plan: Plan, results: dict, *, command: str, deployment: str, sa
                 "chosen answer against the rejected one's (before training every reward is 0: a tie, counted "
                 "half), the policy's own log-probabilities (do both answers' fall?) and its KL to the SFT model on "
                 "the chosen answers." if dpo else
-                "for step 3, the SFT model's and the RLHF model's answers (sampled as in training) to the same "
-                "held-out prompts, scored by the step-2 reward model, with their KL to the SFT model."), ""]
+                "for step 3, the SFT model's and the RLHF model's answers (sampled as in training, up to the "
+                "evaluation's cap) to the same held-out prompts, scored by the step-2 reward model, with their KL to "
+                "the SFT model. For step 2, length alone and the pairs length cannot decide set the accuracy in "
+                "context."), ""]
+    heldout: list[str] = []
     for p in plan.steps:
         n = p.step.number
         png = out / "report" / f"step{n}.png"
@@ -262,8 +349,16 @@ def write_report(plan: Plan, results: dict, *, command: str, deployment: str, sa
         else:
             lines += ["(no metrics recorded)", ""]
         lines += [f"Log: `{p.log}`; flags: `{p.args_file}`.", ""]
+        if p.step.name == "step3_ppo":
+            heldout = heldout_section(p, out, samples)
+            lines += heldout
     final = final_model_dir(plan)
-    if samples > 0 and final is not None and (final / "config.json").is_file():
+    if heldout and final is not None:  # step 3's own held-out answers were the samples
+        lines += ["Chat with the RLHF model:", "", "```bash", f"python -m chatrlhf.inference.chatbot --path {final}",
+                  "```", ""]
+        lines += ["Chat with the RLHF model:", "", "```bash", f"python -m chatrlhf.inference.chatbot --path {final}",
+                  "```", ""]
+    elif samples > 0 and final is not None and (final / "config.json").is_file():
         label, short = ("DPO model (step 2)", "DPO") if dpo else ("RLHF model (step 3)", "RLHF")
         lines += ["## Sample answers on held-out prompts", "",
                   ("Greedy decoding, on prompts of DPO's held-out pairs (no reward model scores them)." if dpo else

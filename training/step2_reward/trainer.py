@@ -34,29 +34,50 @@ def reward_loss(engine, batch: dict, margin: float = 0.0, center_coef: float = 0
     return loss, metrics
 
 
+# Pairs whose answers differ in length by less than this share of the longer one: where length cannot decide.
+LENGTH_CONTROLLED = 0.2
+
+
 @torch.no_grad()
 def evaluate(engine, dataset, collate_fn, batch_size: int, max_batches: int, margin: float = 0.0,
              center_coef: float = 0.0) -> dict:
     """Pairwise accuracy, mean chosen and rejected scores, mean margin (chosen - rejected) and loss over (at most
-    `max_batches` batches per rank of) the eval split, summed across ranks."""
+    `max_batches` batches per rank of) the eval split, summed across ranks. Next to the accuracy, what length alone
+    scores on the same pairs ("the shorter answer wins", ties half) and the accuracy on the pairs whose answers are
+    within 20% of each other's length: a reward model that only learned length is at chance there."""
     engine.eval()
-    # n pairs, correct, sum chosen, sum rejected, sum loss
-    total = torch.zeros(5, dtype=torch.float64, device=engine.device)
+    # n pairs, correct, sum chosen, sum rejected, sum loss, shorter wins, length-controlled pairs and correct
+    total = torch.zeros(8, dtype=torch.float64, device=engine.device)
     for i, batch in enumerate(eval_loader(dataset, batch_size, collate_fn)):
         if i >= max_batches:
             break
         chosen, rejected = pair_scores(engine, batch)
         chosen, rejected = chosen.double(), rejected.double()
+        correct = (chosen > rejected).double()
+        lengths = batch.get("answer_lengths")
+        if lengths is None:  # pairs without prompt_length: no length baselines (-1 marks them absent)
+            length_sums = [torch.tensor(-1.0, dtype=torch.float64)] * 3
+        else:
+            lc, lr = lengths.to(total.device).double().chunk(2)
+            close = ((lc - lr).abs() < LENGTH_CONTROLLED * torch.maximum(lc, lr)).double()
+            length_sums = [((lc < lr).double() + 0.5 * (lc == lr).double()).sum(), close.sum(), (close * correct).sum()]
         total += torch.stack([torch.tensor(float(chosen.numel()), dtype=torch.float64, device=total.device),
-                              (chosen > rejected).double().sum(), chosen.sum(), rejected.sum(),
-                              pairwise_losses(chosen, rejected, margin, center_coef).double().sum()])
+                              correct.sum(), chosen.sum(), rejected.sum(),
+                              pairwise_losses(chosen, rejected, margin, center_coef).double().sum(),
+                              *[x.to(total.device) for x in length_sums]])
     engine.train()
-    n, correct, chosen_sum, rejected_sum, loss_sum = dist.all_reduce_sum(total).tolist()
+    n, correct, chosen_sum, rejected_sum, loss_sum, shorter, n_close, correct_close = \
+        dist.all_reduce_sum(total).tolist()
     if n == 0:
         print0("step 2: the eval split is empty; no evaluation metrics (raise --eval_fraction)")
         return {}
-    return {"eval/accuracy": correct / n, "eval/chosen_score": chosen_sum / n, "eval/rejected_score": rejected_sum / n,
-            "eval/margin": (chosen_sum - rejected_sum) / n, "eval/loss": loss_sum / n, "eval/pairs": int(n)}
+    out = {"eval/accuracy": correct / n, "eval/chosen_score": chosen_sum / n, "eval/rejected_score": rejected_sum / n,
+           "eval/margin": (chosen_sum - rejected_sum) / n, "eval/loss": loss_sum / n, "eval/pairs": int(n)}
+    if shorter >= 0:
+        out.update({"eval/shorter_wins": shorter / n, "eval/length_controlled_pairs": int(n_close)})
+        if n_close:  # (no key rather than a NaN, which the run's guards would read as divergence)
+            out["eval/accuracy_length_controlled"] = correct_close / n_close
+    return out
 
 
 def train(engine, data, collate_fn, cfg, logger, total_steps: int) -> dict:

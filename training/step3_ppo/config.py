@@ -216,6 +216,9 @@ class PPOConfig:
     """Prompt tokens kept (longer prompts lose their start; see --overlength)."""
     max_answer_seq_len: int = 256
     """Most tokens generated per answer."""
+    eval_max_answer_seq_len: Optional[int] = None
+    """Most tokens per answer in the held-out evaluation; default twice --max_answer_seq_len, so that a policy
+    that only learned to stop before the training cap is seen at the length users will ask for."""
     offload_reference_model: bool = False
     """Keep the reference model's parameters in CPU memory (ZeRO-3 offload)."""
     offload_reward_model: bool = False
@@ -236,6 +239,8 @@ class PPOConfig:
         apply_dschat(self)
         if self.max_answer_seq_len < 1 or self.max_prompt_seq_len < 1:
             raise ValueError("--max_prompt_seq_len and --max_answer_seq_len must be at least 1")
+        if self.eval_max_answer_seq_len is not None and self.eval_max_answer_seq_len < 1:
+            raise ValueError(f"--eval_max_answer_seq_len must be at least 1, got {self.eval_max_answer_seq_len}")
         for name in ("per_device_generation_batch_size", "per_device_training_batch_size", "print_answers_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -253,6 +258,10 @@ class PPOConfig:
             raise ValueError(f"--reward_weights: {len(self.reward_weights)} weights for {self.n_rewards} rewards "
                              f"(--reward_function {self.reward_function}"
                              f"{' and the reward model' if self.uses_reward_model else ''})")
+
+    @property
+    def eval_answer_len(self) -> int:
+        return self.eval_max_answer_seq_len or 2 * self.max_answer_seq_len
 
     @property
     def uses_reward_model(self) -> bool:

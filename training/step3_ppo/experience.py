@@ -21,10 +21,12 @@ from chatrlhf.utils import distributed as dist
 
 # ---- 1-2. rollout and scoring ---------------------------------------------------------------------------
 def make_rollout(models, batch: dict, cfg, timings: dict | None = None, *, n_samples: int = 1, group_offset: int = 0,
-                 sampling: dict | None = None) -> Rollout:
+                 sampling: dict | None = None, max_new_tokens: int | None = None, values: bool = True) -> Rollout:
     """Samples `n_samples` answers to each prompt of `batch` (consecutive rows sharing a `group` index, counted
-    from `group_offset`) and scores them; adds the seconds spent to timings["generation"/"scoring"]. The prompts'
-    messages and metadata are repeated alike, so the reward sees each answer with its own prompt's record."""
+    from `group_offset`), at most `max_new_tokens` (default --max_answer_seq_len) tokens each, and scores them
+    (the critic's values only with `values`); adds the seconds spent to timings["generation"/"scoring"]. The
+    prompts' messages and metadata are repeated alike, so the reward sees each answer with its own prompt's
+    record."""
     actor, dev = models.actor, models.actor.device
     t0 = time.time()
     prompts, prompt_mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
@@ -37,9 +39,10 @@ def make_rollout(models, batch: dict, cfg, timings: dict | None = None, *, n_sam
 
     sequences, action_mask, has_eos = generate(
         actor, prompts, prompt_mask, tokenizer=models.tokenizer, sampling=sampling or cfg.generation.sampling(),
-        max_new_tokens=cfg.max_answer_seq_len, backend=models.generator, **cfg.hybrid.generation_mode())
+        max_new_tokens=max_new_tokens or cfg.max_answer_seq_len, backend=models.generator,
+        **cfg.hybrid.generation_mode())
     t1 = time.time()
-    out = score(actor, models.ref, models.critic, sequences, prompt_mask, action_mask,
+    out = score(actor, models.ref, models.critic if values else None, sequences, prompt_mask, action_mask,
                 temperature=cfg.generation.temperature,
                 ref_is_actor_without_adapters=models.ref_is_actor_without_adapters,
                 chunk=cfg.per_device_training_batch_size)

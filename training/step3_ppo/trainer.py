@@ -6,8 +6,10 @@ penalised, never dropped), so batch shapes agree across ranks.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,30 +48,39 @@ class Models:
 
 # ---- evaluation on held-out prompts ----------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(models: Models, loader, cfg, max_batches: int) -> dict:
-    """Score (and each reward's own, eval/reward/<name>) and KL to the reference on held-out prompts, one answer
-    each; sampled with a fixed seed (or greedy with --eval_greedy) so that evaluations before and after training
-    see the same randomness, every random generator (CPU and each accelerator device) restored afterwards: an
-    evaluation never changes the training's randomness."""
+def evaluate(models: Models, loader, cfg, max_batches: int, step: int | None = None) -> dict:
+    """Score (and each reward's own, eval/reward/<name>), KL to the reference, length and the share of answers that
+    end with EOS on held-out prompts, one answer each of at most --eval_max_answer_seq_len tokens; sampled with a
+    fixed seed (or greedy with --eval_greedy) so that evaluations before and after training see the same
+    randomness, every random generator (CPU and each accelerator device) restored afterwards: an evaluation never
+    changes the training's randomness. With `step`, every answer is also written to
+    <output_dir>/eval_answers/step<step>-rank<rank>.jsonl (prompt, answer, score, length, eos, kl), for the
+    pipeline's report to compare two evaluations answer by answer."""
     sampling = dict(cfg.generation.sampling(), do_sample=False) if cfg.eval_greedy else None
     sums: dict[str, torch.Tensor] = {}
+    rows: list[dict] = []
     with dist.fork_rng():
         torch.manual_seed(cfg.run.seed)
         dist.accelerator().manual_seed_all(cfg.run.seed)
         for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
-            r = make_rollout(models, batch, cfg, sampling=sampling)
+            # No critic: its values are not part of an evaluation.
+            r = make_rollout(models, batch, cfg, sampling=sampling, max_new_tokens=cfg.eval_answer_len, values=False)
             kl = (torch.zeros_like(r.scores) if r.ref_logprobs is None
                   else core.masked_sum(r.logprobs - r.ref_logprobs, r.action_mask, dim=1))
             scores = r.scores.double()
+            eos = r.has_eos if r.has_eos is not None else torch.zeros_like(r.scores, dtype=torch.bool)
             batch_sums = {"score": scores.sum(), "square": scores.square().sum(), "kl": kl.double().sum(),
-                          "length": r.action_mask.double().sum(), "n": scores.new_tensor(float(len(scores)))}
+                          "length": r.action_mask.double().sum(), "eos": eos.double().sum(),
+                          "n": scores.new_tensor(float(len(scores)))}
             batch_sums.update({f"reward/{k}": v.double().sum() for k, v in (r.reward_parts or {}).items()})
             for k, v in batch_sums.items():  # summed on the device: no sync per batch
                 sums[k] = sums.get(k, 0.0) + v
+            if step is not None:
+                rows += _eval_rows(r, models.tokenizer, kl, eos, batch.get("prompt_messages"), first=len(rows))
     # The same keys on every rank, in one order (a rank without an eval batch still joins the all-reduce).
-    keys = ["kl", "length", "n", "score", "square"] + [f"reward/{name}" for name in reward_names(models.reward)]
+    keys = ["eos", "kl", "length", "n", "score", "square"] + [f"reward/{name}" for name in reward_names(models.reward)]
     totals = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64, device=dist.device()) for k in keys])
     totals = dict(zip(keys, dist.all_reduce_sum(totals).cpu().tolist()))
     n = max(totals.pop("n", 0.0), 1.0)
@@ -77,13 +88,38 @@ def evaluate(models: Models, loader, cfg, max_batches: int) -> dict:
     # The spread of the answers' scores, so that a before/after difference can be read against it.
     std = max(square / n - (score / n) ** 2, 0.0) ** 0.5
     out = {"eval/score_mean": score / n, "eval/score_std": std, "eval/kl": totals.pop("kl", 0.0) / n,
-           "eval/response_length": totals.pop("length", 0.0) / n, "eval/answers": n}
+           "eval/response_length": totals.pop("length", 0.0) / n, "eval/eos_fraction": totals.pop("eos", 0.0) / n,
+           "eval/answers": n}
     out.update({f"eval/{k}": v / n for k, v in totals.items()})
     if models.generator is not None:
         mismatch, tokens = dist.all_reduce_sum(torch.tensor(models.generator.pop_totals(), dtype=torch.float64,
                                                             device=dist.device())).tolist()
         out["eval/vllm_logprob_mismatch"] = mismatch / max(tokens, 1.0)
+    if step is not None and cfg.run.output_dir:
+        write_eval_answers(cfg.run.output_dir, step, rows)
     return out
+
+
+def _eval_rows(r: Rollout, tokenizer, kl: torch.Tensor, eos: torch.Tensor, messages, first: int) -> list[dict]:
+    """The rollout's answers as rows; the prompt as its chat messages where the data has them."""
+    lengths = [int(n) for n in r.action_mask.sum(1).tolist()]
+    prompt = (lambda i: json.loads(messages[i]) if isinstance(messages[i], str) else messages[i]) if messages else (
+        lambda i: tokenizer.decode(r.sequences[i, :r.prompt_len], skip_special_tokens=True))
+    return [{"row": first + i, "prompt": prompt(i),
+             "answer": tokenizer.decode(r.responses[i, :n], skip_special_tokens=True),
+             "score": float(r.scores[i]), "length": int(n), "eos": bool(eos[i]), "kl": float(kl[i])}
+            for i, n in enumerate(lengths)]
+
+
+def write_eval_answers(output_dir, step: int, rows: list[dict]) -> None:
+    """This rank's evaluation answers at `step`, one JSON object a line (rewritten when a resumed run evaluates
+    the same step again)."""
+    folder = Path(output_dir) / "eval_answers"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step{step}-rank{dist.get_rank()}.jsonl"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(path)
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
@@ -152,7 +188,8 @@ def train(models: Models, prompts, eval_loader, cfg, logger, total_steps: int, p
             models.ema.load(path)
 
     return fit(state=state, total_steps=total_steps, run=run, engines=models.trained,
-               train_step=train_step, evaluate=lambda: evaluate(models, eval_loader, cfg, run.eval_iters),
+               train_step=train_step,
+               evaluate=lambda: evaluate(models, eval_loader, cfg, run.eval_iters, step=state.step),
                logger=logger, desc=f"step 3 {p.advantage_estimator}", config=cfg, on_resume=on_resume,
                on_save=models.ema.save if models.ema is not None else None,
                postfix=lambda m: {"score": f"{m['objective/scores']:.3f}", "kl": f"{m['objective/kl']:.3f}"})

@@ -66,15 +66,19 @@ def test_three_steps_run_in_order_and_write_the_report(finished):
     # Key metrics before -> after, for the summary.
     metrics = result["steps"]
     assert set(metrics[1]["metrics"]) == {"eval/perplexity"}
-    assert set(metrics[2]["metrics"]) == {"eval/accuracy"}
-    assert {"eval/score_mean", "eval/kl"} <= set(metrics[3]["metrics"])
+    assert {"eval/accuracy", "eval/shorter_wins"} <= set(metrics[2]["metrics"])
+    assert {"eval/score_mean", "eval/kl", "eval/eos_fraction"} <= set(metrics[3]["metrics"])
     report = (out / "report.md").read_text()
     assert "## Summary" in report and "held-out pairwise accuracy" in report
     for n in (1, 2, 3):
         png = out / "report" / f"step{n}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(report/step{n}.png)" in report
-    assert "## Sample answers on held-out prompts" in report and "RLHF model (step 3)" in report
-    assert report.count("**score ") == 4  # 2 prompts x 2 models, scored by the reward model
+    # Step 3's own held-out answers, SFT against RLHF, paired: table, plot, samples (2 prompts x 2 models).
+    assert "## Held-out answers: SFT against RLHF" in report and "RLHF model (step 3)" in report
+    assert "Score gain, prompt by prompt" in report and "At equal length" in report
+    assert (out / "report" / "step3_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.count("**score ") == 4
+    assert f"--path {out.resolve() / 'step3_ppo' / 'actor'}" in report
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +128,17 @@ def test_dpo_path_refuses_step_3_and_wrong_values(tiny_model_dir, tmp_path, caps
     err = capsys.readouterr().err
     assert "--step2-method: invalid choice: 'ppo'" in err and "dpo" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_last_block_placeholders_name_the_models_own_blocks():
+    summary = {"last_block": "model.layers.29."}
+    values = {"a": "{last_block}", "b": "{last_blocks:3}", "c": 4}
+    assert recipes.fill_placeholders(values, summary, "r") == {
+        "a": "model.layers.29.", "b": "model.layers.27.,model.layers.28.,model.layers.29.", "c": 4}
+    assert recipes.fill_placeholders({"b": "{last_blocks:5}"}, {"last_block": "transformer.h.1."}, "r") == {
+        "b": "transformer.h.0.,transformer.h.1."}  # no more blocks than the model has
+    with pytest.raises(ValueError, match="needs a model with a list of transformer blocks"):
+        recipes.fill_placeholders({"b": "{last_blocks:2}"}, {"last_block": None}, "r")
 
 
 def test_dpo_plan_is_wired_to_step_1_and_the_actor(tmp_path):

@@ -22,10 +22,10 @@ def test_pairs_are_step_2s_plus_the_prompt_length(tokenizer, examples):
     ours, ours_stats = tokenize_step(examples(ROWS), DPO_DATA, tokenizer, max_seq_len=80, max_prompt_len=30)
     theirs, their_stats = tokenize_step(examples(ROWS), REWARD_DATA, tokenizer, max_seq_len=80, max_prompt_len=30)
     assert ours_stats == their_stats and ours_stats["truncated"] == 1
-    assert theirs.column_names == ["chosen_input_ids", "rejected_input_ids", "length"]  # step 2 unchanged
-    assert ours.column_names == ["chosen_input_ids", "rejected_input_ids", "prompt_length", "length"]
-    for a, b in zip(ours, theirs):
-        assert {k: a[k] for k in b} == b
+    # Step 2 carries the prompt length too (for its length baselines): the same rows, column for column.
+    assert ours.column_names == theirs.column_names == ["chosen_input_ids", "rejected_input_ids", "prompt_length",
+                                                        "length"]
+    assert list(ours) == list(theirs)
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": "q"}])
     assert ours[0]["prompt_length"] == len(prompt)
     assert ours[1]["prompt_length"] == 30  # the kept (truncated) prompt

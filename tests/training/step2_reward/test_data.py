@@ -24,7 +24,7 @@ def test_reward_pairs_share_prompt_tokens(tokenizer, examples):
 
 def test_empty_dataset_and_bad_arguments(tokenizer, examples):
     out, stats = tokenize_step(examples([]), REWARD_DATA, tokenizer)
-    assert len(out) == 0 and out.column_names == ["chosen_input_ids", "rejected_input_ids", "length"]
+    assert len(out) == 0 and out.column_names == ["chosen_input_ids", "rejected_input_ids", "prompt_length", "length"]
     assert stats["records"] == 0
     with pytest.raises(ValueError, match="overlength"):
         tokenize_step(examples([]), REWARD_DATA, tokenizer, overlength="cut")

@@ -362,3 +362,37 @@ def test_evaluation_leaves_every_devices_random_generator_alone(models, monkeypa
     assert out["eval/answers"] == 2
     assert all(torch.equal(g.get_state(), s) for g, s in zip(fake.gens, before))
     assert torch.equal(torch.get_rng_state(), cpu)
+
+
+def test_evaluation_answers_up_to_twice_the_cap_without_the_critic_and_writes_each(models, tmp_path):
+    """The held-out evaluation answers with twice the training cap by default, asks nothing of the critic, and
+    writes every answer with its score, length and whether it ended, which the report pairs across evaluations."""
+    import json
+
+    from torch.utils.data import DataLoader
+
+    from chatrlhf.training.step3_ppo.data import PromptCollator
+
+    class NoCritic:
+        def __getattr__(self, name):
+            raise AssertionError(f"the evaluation used the critic ({name})")
+
+    tok = models["tok"]
+    prompts = [{"input_ids": tok(t)["input_ids"]} for t in ("hello there", "a dog", "the cat sat")]
+    loader = DataLoader(prompts, batch_size=3, collate_fn=PromptCollator(tok))
+    m = trainer.Models(actor=models["actor"], critic=NoCritic(), ref=models["ref"],
+                       reward=FunctionReward(lambda p, r: [float(len(x)) for x in r]), tokenizer=tok)
+    cfg = from_flat(PPOConfig, {"max_answer_seq_len": 4, "output_dir": str(tmp_path), "seed": 1})
+    assert cfg.eval_answer_len == 8
+    out = trainer.evaluate(m, loader, cfg, max_batches=1, step=5)
+    rows = [json.loads(line) for line in (tmp_path / "eval_answers" / "step5-rank0.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == [0, 1, 2]
+    assert max(r["length"] for r in rows) > 4 and all(1 <= r["length"] <= 8 for r in rows)
+    assert all(r["eos"] == (r["length"] < 8) for r in rows)  # the tiny random model stops only at the cap or EOS
+    assert [r["score"] for r in rows] == [float(len(r["answer"])) for r in rows]
+    assert out["eval/eos_fraction"] == pytest.approx(sum(r["eos"] for r in rows) / 3)
+    assert out["eval/response_length"] == pytest.approx(sum(r["length"] for r in rows) / 3)
+    assert out["eval/kl"] == pytest.approx(sum(r["kl"] for r in rows) / 3, abs=1e-6)
+    # --eval_max_answer_seq_len sets the cap itself.
+    cfg = from_flat(PPOConfig, {"max_answer_seq_len": 4, "eval_max_answer_seq_len": 2, "seed": 1})
+    assert trainer.evaluate(m, loader, cfg, max_batches=1)["eval/response_length"] <= 2
