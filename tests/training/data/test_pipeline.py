@@ -18,7 +18,7 @@ SPLIT_STATS = {"records", "kept", "truncated", "dropped", "eos_cut"}
 
 @pytest.mark.parametrize("phase, columns, collator", [
     (1, ["input_ids", "labels", "length"], SFTCollator),
-    (2, ["chosen_input_ids", "rejected_input_ids", "length"], PairCollator),
+    (2, ["chosen_input_ids", "rejected_input_ids", "prompt_length", "length"], PairCollator),
     (3, ["input_ids", "prompt_messages", "metadata", "length"], PromptCollator),
 ])
 def test_real_hh_rlhf_all_phases(hh50, pad_tokenizer, phase, columns, collator):
