@@ -356,8 +356,6 @@ def write_report(plan: Plan, results: dict, *, command: str, deployment: str, sa
     if heldout and final is not None:  # step 3's own held-out answers were the samples
         lines += ["Chat with the RLHF model:", "", "```bash", f"python -m chatrlhf.inference.chatbot --path {final}",
                   "```", ""]
-        lines += ["Chat with the RLHF model:", "", "```bash", f"python -m chatrlhf.inference.chatbot --path {final}",
-                  "```", ""]
     elif samples > 0 and final is not None and (final / "config.json").is_file():
         label, short = ("DPO model (step 2)", "DPO") if dpo else ("RLHF model (step 3)", "RLHF")
         lines += ["## Sample answers on held-out prompts", "",

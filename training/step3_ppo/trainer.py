@@ -101,14 +101,14 @@ def evaluate(models: Models, loader, cfg, max_batches: int, step: int | None = N
 
 
 def _eval_rows(r: Rollout, tokenizer, kl: torch.Tensor, eos: torch.Tensor, messages, first: int) -> list[dict]:
-    """The rollout's answers as rows; the prompt as its chat messages where the data has them."""
-    lengths = [int(n) for n in r.action_mask.sum(1).tolist()]
-    prompt = (lambda i: json.loads(messages[i]) if isinstance(messages[i], str) else messages[i]) if messages else (
-        lambda i: tokenizer.decode(r.sequences[i, :r.prompt_len], skip_special_tokens=True))
-    return [{"row": first + i, "prompt": prompt(i),
-             "answer": tokenizer.decode(r.responses[i, :n], skip_special_tokens=True),
-             "score": float(r.scores[i]), "length": int(n), "eos": bool(eos[i]), "kl": float(kl[i])}
-            for i, n in enumerate(lengths)]
+    """The rollout's answers as `_answers` rows plus row index, length, eos and KL; the prompt as its chat messages
+    where the data has them (the collator has parsed them already)."""
+    rows = _answers(r, tokenizer, show=False)
+    for i, row in enumerate(rows):
+        row.update(row=first + i, length=int(r.action_mask[i].sum()), eos=bool(eos[i]), kl=float(kl[i]))
+        if messages:
+            row["prompt"] = messages[i]
+    return rows
 
 
 def write_eval_answers(output_dir, step: int, rows: list[dict]) -> None:

@@ -78,7 +78,7 @@ def test_three_steps_run_in_order_and_write_the_report(finished):
     assert "Score gain, prompt by prompt" in report and "At equal length" in report
     assert (out / "report" / "step3_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.count("**score ") == 4
-    assert f"--path {out.resolve() / 'step3_ppo' / 'actor'}" in report
+    assert f"--path {out.resolve() / 'step3_ppo' / 'actor'}" in report and report.count("chatbot --path") == 1
 
 
 @pytest.fixture(scope="module")
