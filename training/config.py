@@ -42,7 +42,8 @@ class ModelArgs:
     """Dropout on the LoRA branch."""
     lora_module_name: Optional[str] = None
     """Substring of module names selecting the Linear layers that get LoRA, as in DeepSpeed-Chat (e.g.
-    `decoder.layers.` for OPT, `layers.` for LLaMA or Qwen); default: every Linear layer of the transformer
+    `decoder.layers.` for OPT, `layers.` for LLaMA or Qwen); several, comma-separated, select their union (e.g.
+    `model.layers.28.,model.layers.29.`); default: every Linear layer of the transformer
     blocks, whatever the family (on OPT the layers DeepSpeed-Chat's default `decoder.layers.` selects)."""
     keep_lora_adapter: bool = False
     """Save the LoRA adapter (peft format) instead of merging it into the weights."""
