@@ -13,8 +13,9 @@ same fp32 weights (outputs agreement reported). Prints one table and writes it a
 
 --backend vllm instead times, for fp32 and bf16 ZeRO-3 actors, the hybrid engine's HF generation (whole actor
 gathered) against its vLLM backend (training/vllm_backend.py: one colocated engine per rank, handed the actor's
-weights first; that load is timed on its own, generation excludes it), tokens/s summed over ranks, their ratio,
-and whether the greedy outputs are identical (fp32) or how many tokens agree (bf16).
+weights first; that load is timed on its own, generation excludes it), tokens/s summed over ranks, their ratio
+(HF also timed before the vLLM engine starts, since a live engine slows the process's other work), and whether
+the greedy outputs are identical (fp32) or how many tokens agree (bf16).
 """
 from __future__ import annotations
 
@@ -162,6 +163,9 @@ def vllm_vs_hf(args, tok, ids, mask, tokens: int, results: dict) -> None:
         model = load_model(args.model, tok, dtype=torch_dtype)
         # Frozen (no optimizer state: memory for the vLLM copy on a small machine); gathering is the same.
         engine = build_engine(model, zero_stage=3, dtype=dtype, micro_batch_size=args.batch_size, trainable=False)
+        # HF before any vLLM engine exists in the process too: a live (or closed) vLLM engine was seen to slow the
+        # process's own torch ops by up to ~25% on a 2-core CPU, which the interleaved figures below include.
+        t_hf_alone, _ = timed_generate(engine, ids, mask, tok, args.new_tokens, args.repeats)
         start = time.perf_counter()
         generator = VLLMGenerator(engine.module, dtype=torch_dtype, max_model_len=P + args.new_tokens,
                                   kv_cache_gb=args.vllm_kv_cache_gb, seed=dist.get_rank())
@@ -183,6 +187,7 @@ def vllm_vs_hf(args, tok, ids, mask, tokens: int, results: dict) -> None:
             t_vllm = min(t_vllm, t)
         results[f"zero3_{dtype}"] = {
             "hf_tokens_per_s": tokens / t_hf, "vllm_tokens_per_s": tokens / t_vllm, "vllm_over_hf": t_hf / t_vllm,
+            "hf_alone_tokens_per_s": tokens / t_hf_alone, "vllm_over_hf_alone": t_hf_alone / t_vllm,
             "outputs_identical": bool(torch.equal(out_hf, out_vllm)),
             "greedy_token_agreement": (out_hf[:, P:] == out_vllm[:, P:]).float().mean().item(),
             "vllm_engine_start_s": built, "weight_load_s": loaded}
@@ -197,8 +202,9 @@ def vllm_vs_hf(args, tok, ids, mask, tokens: int, results: dict) -> None:
               f"{torch.get_num_threads()} ==")
         for dtype in args.dtypes:
             r = results[f"zero3_{dtype}"]
-            print(f"ZeRO-3 {dtype}: HF (hybrid engine) {r['hf_tokens_per_s']:8.1f} tok/s | vLLM "
-                  f"{r['vllm_tokens_per_s']:8.1f} tok/s | ratio vLLM/HF {r['vllm_over_hf']:5.2f}x | identical outputs: "
+            print(f"ZeRO-3 {dtype}: HF (hybrid engine) {r['hf_tokens_per_s']:8.1f} tok/s ({r['hf_alone_tokens_per_s']:.1f} "
+                  f"before vLLM started) | vLLM {r['vllm_tokens_per_s']:8.1f} tok/s | ratio vLLM/HF "
+                  f"{r['vllm_over_hf']:5.2f}x (to HF before vLLM {r['vllm_over_hf_alone']:5.2f}x) | identical outputs: "
                   f"{r['outputs_identical']} (greedy token agreement {r['greedy_token_agreement']:.1%}) | vLLM start "
                   f"{r['vllm_engine_start_s']:.1f} s, weight load {r['weight_load_s']:.2f} s")
         print(f"peak memory of rank 0: {results['peak_rss_gb_rank0']:.2f} GB")

@@ -5,6 +5,7 @@ a real step-3 run, optionally against another commit, interleaved.
   python benchmarks/ppo_step.py --preset dschat --zero_stage 3           # ... with ZeRO-3 actor and critic
   python benchmarks/ppo_step.py --preset dschat --lora_dim 16            # ... LoRA r=16, base frozen
   python benchmarks/ppo_step.py --preset dschat --baseline-ref 412944a   # A, B, A, B against a commit: the ratio
+  python benchmarks/ppo_step.py --preset dschat --vs "--zero_stage 3" --vs "--lora_dim 16"   # settings, A, B, C
   python benchmarks/ppo_step.py --preset dschat --advantage_estimator grpo   # 4 answers a prompt, no critic/ref
   python benchmarks/ppo_step.py --preset dschat --step3-args "--kl_coef 0.1 --top_k 50"   # any step-3 flags
   python benchmarks/ppo_step.py --preset tiny --model DIR                # seconds, on a tiny model: the smoke test
@@ -270,7 +271,11 @@ def parse_args(argv=None):
                     help="step 3's --generation_backend (vllm: the [vllm] extra, run from its environment)")
     ap.add_argument("--step3-args", dest="step3_args", default="", help="more step-3 flags, passed as they are")
     ap.add_argument("--baseline-ref", dest="baseline_ref", help="time this git ref too, interleaved, and the ratio")
-    ap.add_argument("--rounds", type=int, default=1, help="with --baseline-ref: baseline, current, repeated")
+    ap.add_argument("--vs", action="append", default=[], metavar="FLAGS",
+                    help="also time this tree with these benchmark flags added (e.g. \"--zero_stage 3\"), "
+                         "interleaved with the others, and print its ratio to the plain run; repeatable")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --baseline-ref or --vs: every run, repeated in the same order")
     ap.add_argument("--cache", help="reward model, tokenised data (default: ~/.cache/chatrlhf/bench)")
     ap.add_argument("--output", help="write every figure as JSON here")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
@@ -285,13 +290,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    model = args.model
-    reward = args.reward_model or str(reward_model(model, cache_dir(args)))
-    work = Path(tempfile.mkdtemp(prefix="ppo_bench_"))
-    results: dict = {"args": vars(args), "runs": []}
-    what = (f"{args.model}, {args.ranks} rank(s) x {args.threads} thread(s), ZeRO-{args.zero_stage}, {args.dtype}, "
+def describe_workload(args) -> str:
+    return (f"{args.model}, {args.ranks} rank(s) x {args.threads} thread(s), ZeRO-{args.zero_stage}, {args.dtype}, "
             f"{args.batch_size} prompts/rank, prompts <= {args.max_prompt_seq_len}, answers <= "
             f"{args.max_answer_seq_len} tokens" + (f", LoRA r={args.lora_dim}" if args.lora_dim else "")
             + (", offload" if args.offload else "") + (", gradient checkpointing" if args.gradient_checkpointing
@@ -299,46 +299,100 @@ def main(argv=None) -> dict:
             + (f", {args.advantage_estimator}" if args.advantage_estimator else "")
             + (f", generation {args.generation_backend}" if args.generation_backend != "hf" else "")
             + (f", step 3 {args.step3_args}" if args.step3_args else ""))
+
+
+def without_vs(argv: list[str]) -> list[str]:
+    """argv (after `joined_vs`) less its --vs options: a variant is the base command line plus its own flags."""
+    return [a for a in argv if not a.startswith("--vs=")]
+
+
+def joined_vs(argv: list[str]) -> list[str]:
+    """`--vs FLAGS` as `--vs=FLAGS`: argparse would take a lone flag such as "--offload" for an option of its own."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--vs" and i + 1 < len(argv):
+            out.append(f"--vs={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def main(argv=None) -> dict:
+    argv = joined_vs(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(argv)
+    # Arms, each run once a round in this order: the baseline commit, this tree, this tree with each --vs's flags.
+    arms = [("current", REPO, args, describe_workload(args))]
+    for i, spec in enumerate(args.vs):
+        variant = parse_args(without_vs(argv) + shlex.split(spec))
+        if variant.preset != args.preset or variant.baseline_ref != args.baseline_ref:
+            raise SystemExit(f"--vs {spec!r}: a variant changes settings of the workload, not --preset or "
+                             "--baseline-ref")
+        arms.append((f"vs{i + 1}", REPO, variant, spec))
+    model = args.model
+    reward = args.reward_model or str(reward_model(model, cache_dir(args)))
+    work = Path(tempfile.mkdtemp(prefix="ppo_bench_"))
+    results: dict = {"args": vars(args), "runs": []}
+    what = describe_workload(args)
     print(f"== PPO step benchmark: {what}; {args.steps} steps, first {args.warmup} left out ==", flush=True)
+    for name, _, variant, spec in arms[1:]:
+        print(f"   {name}: {spec!r} -> {describe_workload(variant)}", flush=True)
     baseline = add_worktree(args.baseline_ref, work / "baseline") if args.baseline_ref else None
+    if baseline is not None:
+        arms.insert(0, ("baseline", baseline, args, args.baseline_ref))
+    rounds = args.rounds if len(arms) > 1 else 1
     try:
-        for round_ in range(args.rounds if baseline else 1):
-            for repo, label in ([(baseline, f"baseline{round_}")] if baseline is not None else []) + \
-                    [(REPO, f"current{round_}")]:
+        for round_ in range(rounds):
+            for name, repo, arm_args, _ in arms:
+                label = f"{name}{round_}" if name in ("baseline", "current") else f"{name}-{round_}"
                 try:
-                    s = run_step3(repo, args, label, work, model, reward)
+                    s = run_step3(repo, arm_args, label, work, arm_args.model,
+                                  arm_args.reward_model or reward)
                 except SystemExit as e:  # one failed run (e.g. killed for memory) does not lose the others
                     print(e, flush=True)
                     results.setdefault("failed", []).append({"label": label, "error": str(e)[-2000:]})
-                    results["runs"].append({"label": label, "failed": True})
+                    results["runs"].append({"label": label, "arm": name, "failed": True})
                     continue
+                s.update(arm=name, workload=describe_workload(arm_args))
                 results["runs"].append(s)
                 print(describe(s), flush=True)
     finally:
         if baseline is not None:
             remove_worktree(baseline)
-    runs_of = lambda prefix: [r for r in results["runs"] if r["label"].startswith(prefix)]  # noqa: E731
     done = [r for r in results["runs"] if not r.get("failed")]
     if not done:
         raise SystemExit("every run failed")
-    current = [r for r in done if r["label"].startswith("current")]
+    of = lambda name: [r for r in results["runs"] if r["arm"] == name]  # noqa: E731
     print(f"\n== {what} ==")
-    for name, runs in (("baseline", [r for r in done if r["label"].startswith("baseline")]), ("current", current)):
+    for name, _, _, spec in arms:
+        runs = [r for r in of(name) if not r.get("failed")]
         if not runs:
             continue
         split = {k: sum(r["split_s"][k] for r in runs) / len(runs) for k in runs[0]["split_s"]}
         sps = sum(r["samples_per_s"] for r in runs) / len(runs)
         tps = sum(r["answer_tokens_per_s"] for r in runs) / len(runs)
-        results[name] = {"samples_per_s": sps, "answer_tokens_per_s": tps, "split_s": split}
-        print(f"{name:>9} ({runs[0]['commit']}): {sps:.3f} samples/s, {tps:.1f} answer tokens/s, per step: "
+        results[name] = {"samples_per_s": sps, "answer_tokens_per_s": tps, "split_s": split, "spec": spec}
+        print(f"{name:>9} ({runs[0]['commit']}{'' if name in ('baseline', 'current') else ', ' + spec}): "
+              f"{sps:.3f} samples/s, {tps:.1f} answer tokens/s, per step: "
               + ", ".join(f"{k} {v:.2f} s" for k, v in split.items()))
-    if baseline is not None and "baseline" in results and "current" in results:
-        pairs = [(b["samples_per_s"], c["samples_per_s"]) for b, c in zip(runs_of("baseline"), runs_of("current"))
-                 if not b.get("failed") and not c.get("failed")]
-        results["ratios"] = [c / b for b, c in pairs]
+
+    def ratios(name: str, over: str) -> list[float]:
+        """Round by round (the runs next to each other), `name`'s samples/s over `over`'s."""
+        return [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(of(name), of(over))
+                if not a.get("failed") and not b.get("failed")]
+
+    if "baseline" in results and "current" in results:
+        results["ratios"] = ratios("current", "baseline")
         results["ratio"] = results["current"]["samples_per_s"] / results["baseline"]["samples_per_s"]
         print(f"ratio current / {args.baseline_ref}: {results['ratio']:.2f}x samples/s (rounds: "
               + ", ".join(f"{x:.2f}x" for x in results["ratios"]) + ")")
+    for name, _, _, spec in arms:
+        if name.startswith("vs") and name in results and "current" in results:
+            r = results[name]["samples_per_s"] / results["current"]["samples_per_s"]
+            results[name].update(ratio=r, ratios=ratios(name, "current"))
+            print(f"ratio {spec!r} / current: {r:.2f}x samples/s (rounds: "
+                  + ", ".join(f"{x:.2f}x" for x in results[name]["ratios"]) + ")")
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))
     shutil.rmtree(work, ignore_errors=True)

@@ -33,6 +33,11 @@ def build_ds_config(*, zero_stage: int, dtype: str, micro_batch_size: int, gradi
             "stage3_max_live_parameters": 1e9,
             "stage3_prefetch_bucket_size": 5e7,
             "stage3_gather_16bit_weights_on_model_save": True,
+            # DeepSpeed's memory_efficient_linear swaps torch's F.linear for its own autograd function, process-wide,
+            # to save autocast's weight copies (we train without autocast). Its bf16 matmuls bypassed the CPU
+            # fp32-kernel path (hybrid_engine.Fp32Kernels): ZeRO-3's PPO step ran at 0.48x ZeRO-2's. torch's own
+            # linear under ZeRO-3's hooks gathers each weight for forward and backward all the same.
+            "memory_efficient_linear": False,
         })
     if offload and not inference_only:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

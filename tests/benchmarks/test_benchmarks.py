@@ -27,8 +27,9 @@ def test_generation_benchmark_two_ranks(tiny_model_dir, tmp_path, deepspeed_laun
 
 
 def test_ppo_step_benchmark_times_this_tree_against_a_commit(tiny_model_dir, tmp_path):
-    """benchmarks/ppo_step.py --preset tiny --baseline-ref HEAD: step 3 launched for HEAD (in a git worktree, its own
-    code imported) and for this tree, the split and samples/s read from each metrics log, the ratio printed."""
+    """benchmarks/ppo_step.py --preset tiny --baseline-ref HEAD --vs "--zero_stage 0": step 3 launched for HEAD (in a
+    git worktree, its own code imported), for this tree, and for this tree with the variant's flags; the split and
+    samples/s read from each metrics log, both ratios printed."""
     import subprocess
     import sys
 
@@ -42,13 +43,31 @@ def test_ppo_step_benchmark_times_this_tree_against_a_commit(tiny_model_dir, tmp
     out = tmp_path / "ppo.json"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "ppo_step.py"), "--preset", "tiny", "--model",
                            str(tiny_model_dir("llama")), "--cache", str(tmp_path / "cache"), "--baseline-ref", "HEAD",
-                           "--output", str(out)], capture_output=True, text=True, timeout=900)
+                           "--vs", "--zero_stage 0", "--output", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     results = json.loads(out.read_text())
-    assert [r["label"] for r in results["runs"]] == ["baseline0", "current0"]
+    assert [r["label"] for r in results["runs"]] == ["baseline0", "current0", "vs1-0"]
+    assert [("ZeRO-0" in r["workload"], "ZeRO-2" in r["workload"]) for r in results["runs"]] == \
+        [(False, True), (False, True), (True, False)]
     for run in results["runs"]:
         assert run["steps"] == 2 and run["samples_per_s"] > 0 and run["answer_tokens_per_s"] > 0
         assert set(run["split_s"]) == {"generation", "scoring", "update", "other"}
         assert sum(run["split_s"].values()) == pytest.approx(run["step_s"], rel=1e-6, abs=1e-3)
     assert results["ratio"] > 0 and "ratio current / HEAD" in proc.stdout
+    assert results["vs1"]["ratio"] > 0 and "ratio '--zero_stage 0' / current" in proc.stdout
     assert worktrees() == before  # its worktree removed afterwards
+
+
+def test_ppo_step_variants_take_lone_flags_and_keep_the_base_command_line():
+    """`--vs --offload` is a variant, not an argparse error; each variant is the base flags plus its own."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ppo_step", BENCHMARKS / "ppo_step.py")
+    ppo_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ppo_step)
+    argv = ppo_step.joined_vs(["--preset", "dschat", "--zero_stage", "3", "--vs", "--offload",
+                               "--vs", "--lora_dim 16", "--vs=--dtype fp32"])
+    assert ppo_step.parse_args(argv).vs == ["--offload", "--lora_dim 16", "--dtype fp32"]
+    base = ppo_step.without_vs(argv)
+    offload = ppo_step.parse_args(base + ["--offload"])
+    assert offload.offload and offload.zero_stage == 3 and not offload.vs
