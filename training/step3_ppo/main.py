@@ -130,8 +130,10 @@ def _vllm_generator(cfg: PPOConfig, actor):
     from chatrlhf.training.vllm_backend import VLLMGenerator
 
     h = cfg.hybrid
+    # The held-out evaluation answers up to eval_answer_len tokens (twice the training cap by default).
+    longest = cfg.max_prompt_seq_len + max(cfg.max_answer_seq_len, cfg.eval_answer_len)
     return VLLMGenerator(actor.module, dtype=DTYPES[training_dtype(cfg.engine.dtype)],
-                         max_model_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len, kv_cache_gb=h.vllm_kv_cache_gb,
+                         max_model_len=longest, kv_cache_gb=h.vllm_kv_cache_gb,
                          gpu_memory_utilization=h.vllm_gpu_memory_utilization, seed=cfg.run.seed + dist.get_rank(),
                          temperature=cfg.generation.temperature)
 
