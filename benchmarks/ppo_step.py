@@ -307,16 +307,10 @@ def without_vs(argv: list[str]) -> list[str]:
 
 
 def joined_vs(argv: list[str]) -> list[str]:
-    """`--vs FLAGS` as `--vs=FLAGS`: argparse would take a lone flag such as "--offload" for an option of its own."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--vs" and i + 1 < len(argv):
-            out.append(f"--vs={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
+    """`--vs FLAGS` as `--vs=FLAGS` (and --step3-args): argparse would take a lone "--offload" for an option."""
+    from chatrlhf.training.pipeline.cli import attach_flag_values
+
+    return attach_flag_values(argv, ("--vs", "--step3-args"))
 
 
 def main(argv=None) -> dict:

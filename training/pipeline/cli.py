@@ -178,11 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _attach_flag_values(argv: list[str]) -> list[str]:
-    """`--step1-args --offload` -> `--step1-args=--offload`: argparse would take a lone `--offload` for an option."""
+def attach_flag_values(argv: list[str], options=FLAG_OPTIONS) -> list[str]:
+    """`--step1-args --offload` -> `--step1-args=--offload` for each of `options` (options whose value is a
+    command line of flags): argparse would take a lone `--offload` for an option."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] in FLAG_OPTIONS and i + 1 < len(argv):
+        if argv[i] in options and i + 1 < len(argv):
             out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
         else:
@@ -193,7 +194,7 @@ def _attach_flag_values(argv: list[str]) -> list[str]:
 
 def parse_options(argv: list[str] | None = None) -> PipelineOptions:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = vars(build_parser().parse_args(_attach_flag_values(argv)))
+    args = vars(build_parser().parse_args(attach_flag_values(argv)))
     opts = PipelineOptions(**{f.name: args[f.name] for f in fields(PipelineOptions) if f.name in args})
     opts.actor_model, opts.reward_model = opt_model(opts.actor_model), opt_model(opts.reward_model)
     prog = f"python {Path(sys.argv[0]).name}" if Path(sys.argv[0]).name in ("train.py", "e2e_rlhf.py") else PROG
