@@ -7,6 +7,7 @@ never `torch.cuda`, so the same code runs on CUDA and on DeepSpeed's CPU acceler
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from contextlib import contextmanager
@@ -45,6 +46,41 @@ def init_distributed(hang_timeout: float | None = None) -> None:
     kwargs = {"timeout": timedelta(seconds=hang_timeout + PG_TIMEOUT_MARGIN_S)} if hang_timeout else {}
     deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(), verbose=False, **kwargs)
     accelerator().set_device(get_local_rank())
+    global _shm_buffer
+    _shm_buffer = _shm_buffer_path()
+    atexit.register(_shutdown)
+
+
+# This rank's /dev/shm segment of DeepSpeed's CPU all-reduce; set by init_distributed.
+_shm_buffer: str | None = None
+
+
+def _shm_buffer_path() -> str | None:
+    """The segment DeepSpeed's CPU all-reduce made for this rank (its shm.cpp names it so), or None off the CPU
+    accelerator. DeepSpeed never unlinks it: 64 MiB stay behind per rank and run."""
+    if accelerator().device_name() != "cpu":
+        return None
+    env = os.environ
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{get_rank()}")
+
+
+def release_shared_memory(rank: int | None = None) -> None:
+    """Unlinks this rank's (or local `rank`'s) all-reduce segment. The other ranks keep their mappings (only the
+    name goes), so it is safe once every rank has joined; a later run on the same port then starts clean."""
+    if _shm_buffer:
+        try:
+            os.unlink(_shm_buffer if rank is None else f"{_shm_buffer.rsplit('_', 1)[0]}_{rank}")
+        except FileNotFoundError:
+            pass
+
+
+def _shutdown() -> None:
+    """At exit, while the interpreter is whole: a process group left to interpreter teardown can abort the
+    process (gloo's worker threads: "terminate called without an active exception", pytorch#190489)."""
+    if is_initialized():
+        dist.destroy_process_group()
+    release_shared_memory()
 
 
 def accelerator():

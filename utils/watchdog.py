@@ -246,6 +246,8 @@ class Watchdog:
         sys.stderr.flush()
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
+        from chatrlhf.utils import distributed  # lazily: distributed imports this module
+
         records = self.read_all()
         for r in blamed:
             rec = records.get(r)
@@ -253,8 +255,10 @@ class Watchdog:
                 try:
                     os.kill(rec["pid"], signal.SIGKILL)
                     sys.stderr.write(f"chatrlhf watchdog: killed the stopped rank {r} (pid {rec['pid']})\n")
+                    distributed.release_shared_memory(r)
                 except OSError:
                     pass
+        distributed.release_shared_memory()  # os._exit skips the atexit handler that unlinks it
         os._exit(HANG_EXIT_CODE)
 
     def start(self) -> "Watchdog":

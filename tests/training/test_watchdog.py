@@ -2,6 +2,7 @@
 SIGSTOP'd: the job ends within --hang_timeout plus a margin, naming the rank that stopped and what it was doing."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -82,7 +83,8 @@ def test_two_ranks_one_sigstopped_end_with_the_diagnosis(tiny_model_dir, hh_rlhf
     flags = dict(model_name_or_path=tiny_model_dir("llama"), data_path=data, data_split="10,0,0", dtype="fp32",
                  output_dir=out, data_output_path=tmp_path / "cache", max_seq_len=48, per_device_train_batch_size=2,
                  num_train_epochs=1000, eval_iters=1, skip_malformed="true", hang_timeout=timeout)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
+    port = _free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            "--module", "chatrlhf.training.step1_sft"] + [w for k, v in flags.items() for w in (f"--{k}", str(v))]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                                                              "MASTER_ADDR", "MASTER_PORT")}
@@ -114,6 +116,8 @@ def test_two_ranks_one_sigstopped_end_with_the_diagnosis(tiny_model_dir, hh_rlhf
         assert f"pid {stopped_pid}" in text and "phase train_step" in text, text[-3000:]
         assert "Current thread" in text or "Thread 0x" in text  # rank 0's Python stacks
         assert "hang_rank_0.txt" in text
+        # Both ranks' CPU all-reduce segments unlinked: the one that exited and the one it killed.
+        assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
     finally:
         if stopped_pid is not None:  # never leave a stopped process behind
             try:
