@@ -246,6 +246,9 @@ class RunArgs:
     """Evaluate every N optimizer steps (0: only before and after training)."""
     eval_iters: int = 100
     """At most this many evaluation batches per evaluation."""
+    eval_before_training: bool = True
+    """Evaluate once before the first step: the "before" of each before/after figure (false saves that
+    evaluation; the report then shows only the after)."""
     save_interval: int = 0
     """Write a resumable checkpoint every N optimizer steps (0: only at the end)."""
     save_total_limit: int = 2

@@ -89,9 +89,9 @@ def fit(*, state: RunState, total_steps: int, run: RunArgs, engines: dict, train
         chance_loss: float | None = None) -> dict:
     """The loop every step shares; returns the final evaluation's metrics.
 
-    Resumes `engines` and `state` from the newest checkpoint in run.output_dir (else evaluates first), then
-    calls `train_step()` (None: the data ran out) until `total_steps`, logging every --log_interval steps
-    (`summarize` turns a step's metrics into the logged ones, e.g. a mean over ranks), evaluating every
+    Resumes `engines` and `state` from the newest checkpoint in run.output_dir (else evaluates first, unless
+    --eval_before_training false), then calls `train_step()` (None: the data ran out) until `total_steps`, logging
+    every --log_interval steps (`summarize` turns a step's metrics into the logged ones, e.g. a mean over ranks), evaluating every
     --eval_interval and checkpointing every --save_interval steps; evaluates at the end. `config` (the step's
     resolved config) is saved next to each checkpoint, and a resume is refused when it differs in a meaningful
     flag (chatrlhf.training.resume); `on_resume`/`on_save` get the checkpoint folder.
@@ -139,7 +139,8 @@ def _fit(state, total_steps, run, engines, train_step, evaluate, logger, desc, c
     else:
         guards.check_weights(engines, step=0, lrs=lrs(), output_dir=out, when="before training",
                              hint=guards.BROKEN_MODEL_HINT)
-        evaluated(0, "the evaluation before training")
+        if run.eval_before_training:
+            evaluated(0, "the evaluation before training")
 
     health = guards.RunHealth(chance_loss)
     bar = progress(total_steps, desc, initial=state.step)

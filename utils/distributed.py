@@ -44,11 +44,31 @@ def init_distributed(hang_timeout: float | None = None) -> None:
     import deepspeed
 
     kwargs = {"timeout": timedelta(seconds=hang_timeout + PG_TIMEOUT_MARGIN_S)} if hang_timeout else {}
-    deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(), verbose=False, **kwargs)
+    with _without_shm_op_for_one_rank():
+        deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(), verbose=False, **kwargs)
     accelerator().set_device(get_local_rank())
     global _shm_buffer
     _shm_buffer = _shm_buffer_path()
     atexit.register(_shutdown)
+
+
+@contextmanager
+def _without_shm_op_for_one_rank():
+    """A world of one on the CPU accelerator skips DeepSpeed's shared-memory all-reduce op: it has no peer to share
+    with, and building it (a C++ compile on first use, ~40 s here) was the demo's first minute on a new machine."""
+    import importlib
+
+    # Not `import deepspeed.comm.torch`: deepspeed.comm's star import rebinds that attribute to torch itself.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    build = getattr(ds_torch, "build_shm_op", None)
+    if build is None or os.environ.get("WORLD_SIZE") != "1" or accelerator().device_name() != "cpu":
+        yield
+        return
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = build
 
 
 # This rank's /dev/shm segment of DeepSpeed's CPU all-reduce; set by init_distributed.

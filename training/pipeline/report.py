@@ -44,13 +44,14 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def key_metrics(step: str, output_dir: Path) -> dict[str, list[float]]:
-    """{key: [before, after]} of the key metrics of the step named `step` (e.g. step2_dpo)."""
+    """{key: [before, after]} of the key metrics of the step named `step` (e.g. step2_dpo); before is None when the
+    run did not evaluate before training (--eval_before_training false)."""
     records = metrics_by_step(output_dir)
     out = {}
     for key, _, _ in KEY_METRICS[step]:
-        _, values = series(records, key)
+        steps, values = series(records, key)
         if values:
-            out[key] = [values[0], values[-1]]
+            out[key] = [values[0] if steps[0] == 0 else None, values[-1]]
     return out
 
 
@@ -73,7 +74,8 @@ def summary_rows(plan: Plan, results: dict) -> list[list[str]]:
             if key not in res["metrics"]:
                 continue
             before, after = res["metrics"][key]
-            rows.append([name if first else "", wall if first else "", label, fmt.format(before), fmt.format(after)])
+            rows.append([name if first else "", wall if first else "", label,
+                         "-" if before is None else fmt.format(before), fmt.format(after)])
             first = False
         if first:
             rows.append([name, wall, "(no metrics)", "", ""])
@@ -330,7 +332,8 @@ def write_report(plan: Plan, results: dict, *, command: str, deployment: str, sa
              + f"; recipe: `{plan.recipe}`",
              "- step outputs: " + ", ".join(f"`{p.output_dir}`" for p in plan.steps), "",
              "## Summary", "", markdown_table(rows), "",
-             "Before and after are each step's first and last evaluation on its held-out split: "
+             "Before and after are each step's first and last evaluation on its held-out split (\"-\": a step run with "
+             "--eval_before_training false): "
              + ("for DPO, on its held-out preference pairs, the implicit reward beta * log(policy / SFT) of the "
                 "chosen answer against the rejected one's (before training every reward is 0: a tie, counted "
                 "half), the policy's own log-probabilities (do both answers' fall?) and its KL to the SFT model on "

@@ -292,3 +292,15 @@ def test_two_ranks_zero3_match_one_process(tiny_model_dir, planted, tmp_path, de
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
     cfg = load_config(RewardConfig, two)
     torch.testing.assert_close(_hf_pair_scores(two, cfg)[2], _hf_pair_scores(one, cfg)[2], atol=5e-4, rtol=1e-3)
+
+
+def test_no_evaluation_before_training_when_asked(tiny_model_dir, planted, tmp_path):
+    """--eval_before_training false: one evaluation, after training; the pipeline's summary then has no "before"."""
+    from chatrlhf.training.pipeline.report import key_metrics
+
+    out = tmp_path / "m"
+    rm_main.run(from_flat(RewardConfig, _flags(tiny_model_dir("llama"), out, planted, tmp_path / "c", max_steps=2,
+                                               eval_before_training=False)))
+    assert [m["step"] for m in read_metrics(out) if "eval/accuracy" in m] == [2]
+    before, after = key_metrics("step2_reward", out)["eval/accuracy"]
+    assert before is None and after == _evals(out)[-1]
