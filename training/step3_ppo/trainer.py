@@ -59,6 +59,7 @@ def evaluate(models: Models, loader, cfg, max_batches: int, step: int | None = N
     sampling = dict(cfg.generation.sampling(), do_sample=False) if cfg.eval_greedy else None
     sums: dict[str, torch.Tensor] = {}
     rows: list[dict] = []
+    timings: dict[str, float] = {}
     with dist.fork_rng():
         torch.manual_seed(cfg.run.seed)
         dist.accelerator().manual_seed_all(cfg.run.seed)
@@ -66,7 +67,8 @@ def evaluate(models: Models, loader, cfg, max_batches: int, step: int | None = N
             if i >= max_batches:
                 break
             # No critic: its values are not part of an evaluation.
-            r = make_rollout(models, batch, cfg, sampling=sampling, max_new_tokens=cfg.eval_answer_len, values=False)
+            r = make_rollout(models, batch, cfg, timings, sampling=sampling, max_new_tokens=cfg.eval_answer_len,
+                             values=False)
             kl = (torch.zeros_like(r.scores) if r.ref_logprobs is None
                   else core.masked_sum(r.logprobs - r.ref_logprobs, r.action_mask, dim=1))
             scores = r.scores.double()
@@ -91,6 +93,8 @@ def evaluate(models: Models, loader, cfg, max_batches: int, step: int | None = N
            "eval/response_length": totals.pop("length", 0.0) / n, "eval/eos_fraction": totals.pop("eos", 0.0) / n,
            "eval/answers": n}
     out.update({f"eval/{k}": v / n for k, v in totals.items()})
+    # This rank's seconds (the evaluations can be most of a short run's time: where they go).
+    out.update({f"eval/time_{k}": v for k, v in timings.items()})
     if models.generator is not None:
         mismatch, tokens = dist.all_reduce_sum(torch.tensor(models.generator.pop_totals(), dtype=torch.float64,
                                                             device=dist.device())).tolist()

@@ -360,6 +360,7 @@ def test_evaluation_leaves_every_devices_random_generator_alone(models, monkeypa
     before, cpu = [g.get_state() for g in fake.gens], torch.get_rng_state()
     out = trainer.evaluate(m, loader, cfg, max_batches=1)
     assert out["eval/answers"] == 2
+    assert out["eval/time_generation"] > 0 and out["eval/time_scoring"] > 0  # where an evaluation's time goes
     assert all(torch.equal(g.get_state(), s) for g, s in zip(fake.gens, before))
     assert torch.equal(torch.get_rng_state(), cpu)
 
