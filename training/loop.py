@@ -91,10 +91,10 @@ def fit(*, state: RunState, total_steps: int, run: RunArgs, engines: dict, train
 
     Resumes `engines` and `state` from the newest checkpoint in run.output_dir (else evaluates first, unless
     --eval_before_training false), then calls `train_step()` (None: the data ran out) until `total_steps`, logging
-    every --log_interval steps (`summarize` turns a step's metrics into the logged ones, e.g. a mean over ranks), evaluating every
-    --eval_interval and checkpointing every --save_interval steps; evaluates at the end. `config` (the step's
-    resolved config) is saved next to each checkpoint, and a resume is refused when it differs in a meaningful
-    flag (chatrlhf.training.resume); `on_resume`/`on_save` get the checkpoint folder.
+    every --log_interval steps (`summarize` turns a step's metrics into the logged ones, e.g. a mean over ranks),
+    evaluating every --eval_interval and checkpointing every --save_interval steps; evaluates at the end.
+    `config` (the step's resolved config) is saved next to each checkpoint, and a resume is refused when it
+    differs in a meaningful flag (chatrlhf.training.resume); `on_resume`/`on_save` get the checkpoint folder.
 
     Guards (chatrlhf.training.guards): every step's metrics (summarised over ranks: the same on every rank) and
     every evaluation must be finite, and the weights before each checkpoint and at the end; otherwise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -50,6 +51,7 @@ def init_distributed(hang_timeout: float | None = None) -> None:
     global _shm_buffer
     _shm_buffer = _shm_buffer_path()
     atexit.register(_shutdown)
+    sys.excepthook = _noting_failure(sys.excepthook)
 
 
 @contextmanager
@@ -95,10 +97,22 @@ def release_shared_memory(rank: int | None = None) -> None:
             pass
 
 
+_failed = [False]  # an unhandled exception is ending this process
+
+
+def _noting_failure(hook):
+    def excepthook(*exc):
+        _failed[0] = True
+        hook(*exc)
+    return excepthook
+
+
 def _shutdown() -> None:
     """At exit, while the interpreter is whole: a process group left to interpreter teardown can abort the
-    process (gloo's worker threads: "terminate called without an active exception", pytorch#190489)."""
-    if is_initialized():
+    process (gloo's worker threads: "terminate called without an active exception", pytorch#190489). Not after
+    an unhandled exception: peers may be blocked in a collective with this rank, and tearing the group down then
+    could wait on them; the process fails either way."""
+    if is_initialized() and not _failed[0]:
         dist.destroy_process_group()
     release_shared_memory()
 

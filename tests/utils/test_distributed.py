@@ -44,3 +44,13 @@ def test_a_world_of_one_skips_the_shared_memory_op(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_rank_that_raises_still_prints_its_traceback_and_fails(tmp_path):
+    """The exit handler leaves a failing process alone: its traceback is printed, it exits 1, it does not hang."""
+    script = ("from chatrlhf.utils import distributed as dist\n"
+              "dist.init_distributed()\n"
+              "raise RuntimeError('boom from the test')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and "RuntimeError: boom from the test" in proc.stderr, proc.stderr[-3000:]
