@@ -48,10 +48,7 @@ def init_distributed(hang_timeout: float | None = None) -> None:
     with _without_shm_op_for_one_rank():
         deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(), verbose=False, **kwargs)
     accelerator().set_device(get_local_rank())
-    global _shm_buffer
-    _shm_buffer = _shm_buffer_path()
-    atexit.register(_shutdown)
-    sys.excepthook = _noting_failure(sys.excepthook)
+    _install_exit_handler()
 
 
 @contextmanager
@@ -73,38 +70,42 @@ def _without_shm_op_for_one_rank():
         ds_torch.build_shm_op = build
 
 
-# This rank's /dev/shm segment of DeepSpeed's CPU all-reduce; set by init_distributed.
-_shm_buffer: str | None = None
-
-
-def _shm_buffer_path() -> str | None:
-    """The segment DeepSpeed's CPU all-reduce made for this rank (its shm.cpp names it so), or None off the CPU
-    accelerator. DeepSpeed never unlinks it: 64 MiB stay behind per rank and run."""
-    if accelerator().device_name() != "cpu":
-        return None
+def _shm_segment(rank: int) -> str:
+    """The /dev/shm segment DeepSpeed's CPU all-reduce made for `rank` of this run (its shm.cpp names it so)."""
     env = os.environ
     return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
-            f"{env.get('MASTER_PORT', '')}_{get_rank()}")
+            f"{env.get('MASTER_PORT', '')}_{rank}")
 
 
 def release_shared_memory(rank: int | None = None) -> None:
-    """Unlinks this rank's (or local `rank`'s) all-reduce segment. The other ranks keep their mappings (only the
-    name goes), so it is safe once every rank has joined; a later run on the same port then starts clean."""
-    if _shm_buffer:
-        try:
-            os.unlink(_shm_buffer if rank is None else f"{_shm_buffer.rsplit('_', 1)[0]}_{rank}")
-        except FileNotFoundError:
-            pass
+    """Unlinks this rank's (or local `rank`'s) CPU all-reduce segment, which DeepSpeed never does: 64 MiB stayed
+    behind per rank and run. The other ranks keep their mappings (only the name goes), so it is safe once every
+    rank has joined; a later run on the same port then starts clean. Nothing off the CPU accelerator."""
+    if accelerator().device_name() != "cpu":
+        return
+    try:
+        os.unlink(_shm_segment(get_rank() if rank is None else rank))
+    except FileNotFoundError:
+        pass
 
 
-_failed = [False]  # an unhandled exception is ending this process
+_exit = {"installed": False, "failed": False}  # failed: an unhandled exception is ending this process
 
 
-def _noting_failure(hook):
+def _install_exit_handler() -> None:
+    """Once per process (a group may be destroyed and initialised again): `_shutdown` at exit, and a note of an
+    unhandled exception on the way there."""
+    if _exit["installed"]:
+        return
+    _exit["installed"] = True
+    hook = sys.excepthook
+
     def excepthook(*exc):
-        _failed[0] = True
+        _exit["failed"] = True
         hook(*exc)
-    return excepthook
+
+    sys.excepthook = excepthook
+    atexit.register(_shutdown)
 
 
 def _shutdown() -> None:
@@ -112,9 +113,10 @@ def _shutdown() -> None:
     process (gloo's worker threads: "terminate called without an active exception", pytorch#190489). Not after
     an unhandled exception: peers may be blocked in a collective with this rank, and tearing the group down then
     could wait on them; the process fails either way."""
-    if is_initialized() and not _failed[0]:
+    rank = get_rank()  # before the group goes: afterwards get_rank falls back to the environment
+    if is_initialized() and not _exit["failed"]:
         dist.destroy_process_group()
-    release_shared_memory()
+    release_shared_memory(rank)
 
 
 def accelerator():
