@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatrlhf.training.generation import generate
+from chatrlhf.training.generation import generate, sample_categorical
 from chatrlhf.training.value_model import position_ids
 from chatrlhf.utils.models import load_model, load_tokenizer
 
@@ -69,3 +69,49 @@ def test_the_checkpoint_config_is_left_alone_even_after_an_error(model_and_batch
         generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=-5, pad_token_id=tok.pad_token_id,
                  eos_token_id=tok.eos_token_id, do_sample=False)
     assert model.generation_config is saved
+
+
+# ---- the next token is drawn by inverting the CDF on CPU (sample_categorical) -----------------------------------
+
+def test_inverse_cdf_sampling_draws_each_token_with_its_probability():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]])  # weights need not sum to 1
+    torch.manual_seed(0)
+    draws = torch.cat([sample_categorical(probs.repeat(1000, 1)).view(1000, 2) for _ in range(40)])  # (40000, 2)
+    n = draws.size(0)
+    first = torch.bincount(draws[:, 0], minlength=5).double() / n
+    expected = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0], dtype=torch.float64)
+    se = (expected * (1 - expected) / n).sqrt()
+    assert ((first - expected).abs() <= 4 * se).all(), first
+    assert first[1] == 0 and first[4] == 0  # zero weights are never drawn
+    assert (draws[:, 1] == 4).all()
+
+
+def test_inverse_cdf_sampling_never_lands_past_the_last_positive_weight(monkeypatch):
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0]])
+    largest_below_one = torch.tensor(1.0, dtype=torch.float64).nextafter(torch.tensor(0.0, dtype=torch.float64))
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, largest_below_one.item(),
+                                                                      dtype=torch.float64))
+    assert sample_categorical(probs).item() == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1])
+def test_inverse_cdf_sampling_refuses_what_multinomial_refuses(bad):
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        sample_categorical(torch.tensor([[0.5, bad, 0.5]]))
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        sample_categorical(torch.zeros(1, 3))
+
+
+def test_cpu_generation_samples_through_the_inverse_cdf(model_and_batch, monkeypatch):
+    from chatrlhf.training import generation
+
+    model, tok, enc = model_and_batch
+    calls = []
+    real = generation.sample_categorical
+    monkeypatch.setattr(generation, "sample_categorical", lambda probs: calls.append(probs.shape) or real(probs))
+    torch.manual_seed(0)
+    sampled = ours(model, tok, enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    assert len(calls) == sampled.size(1) - enc["input_ids"].size(1) and calls[0] == (2, model.config.vocab_size)
+    torch.manual_seed(0)
+    assert torch.equal(ours(model, tok, enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0), sampled)
+    assert torch.multinomial is not None and torch.multinomial.__module__ == "torch"  # put back after the call
