@@ -71,3 +71,24 @@ def test_ppo_step_variants_take_lone_flags_and_keep_the_base_command_line():
     base = ppo_step.without_vs(argv)
     offload = ppo_step.parse_args(base + ["--offload"])
     assert offload.offload and offload.zero_stage == 3 and not offload.vs
+
+
+def test_sampling_benchmark_times_both_samplers_and_puts_the_fast_one_back(tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from chatrlhf.training import generation
+
+    spec = importlib.util.spec_from_file_location("sampling_bench", BENCHMARKS / "sampling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = []
+    real = generation.sample_categorical
+    monkeypatch.setattr(generation, "sample_categorical", lambda probs: seen.append(1) or real(probs))
+    results = bench.main(["--model", str(tiny_model_dir("llama")), "--rows", "2", "--prompt_len", "4",
+                          "--new_tokens", "3", "--threads", "1", "--rounds", "2", "--dtype", "fp32"])
+    assert len(results[2]["pairs_s"]) == 2 and all(r > 0 for r in results[2]["ratios"])
+    assert len(seen) == 2 + 2 * 3  # the warm-up and the inverse-CDF arm only, one draw per token
+    assert generation._categorical_sampling.__name__ == "_categorical_sampling"  # put back
+    assert torch.multinomial.__module__ == "torch"
