@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -21,12 +21,7 @@ from chatrlhf.utils.models import load_model, load_tokenizer
 def plain_multinomial():
     """The baseline: generation without the inverse-CDF sampler (torch.multinomial as it is)."""
     saved = generation._categorical_sampling
-
-    @contextmanager
-    def untouched(device):
-        yield
-
-    generation._categorical_sampling = untouched
+    generation._categorical_sampling = lambda device: nullcontext()
     try:
         yield
     finally:

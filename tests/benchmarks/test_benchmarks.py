@@ -10,6 +10,16 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.distributed
 def test_generation_benchmark_two_ranks(tiny_model_dir, tmp_path, deepspeed_launch):
     out = tmp_path / "generation.json"
@@ -60,11 +70,7 @@ def test_ppo_step_benchmark_times_this_tree_against_a_commit(tiny_model_dir, tmp
 
 def test_ppo_step_variants_take_lone_flags_and_keep_the_base_command_line():
     """`--vs --offload` is a variant, not an argparse error; each variant is the base flags plus its own."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ppo_step", BENCHMARKS / "ppo_step.py")
-    ppo_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ppo_step)
+    ppo_step = load_benchmark("ppo_step")
     argv = ppo_step.joined_vs(["--preset", "dschat", "--zero_stage", "3", "--vs", "--offload",
                                "--vs", "--lora_dim 16", "--vs=--dtype fp32"])
     assert ppo_step.parse_args(argv).vs == ["--offload", "--lora_dim 16", "--dtype fp32"]
@@ -74,15 +80,11 @@ def test_ppo_step_variants_take_lone_flags_and_keep_the_base_command_line():
 
 
 def test_sampling_benchmark_times_both_samplers_and_puts_the_fast_one_back(tiny_model_dir, monkeypatch):
-    import importlib.util
-
     import torch
 
     from chatrlhf.training import generation
 
-    spec = importlib.util.spec_from_file_location("sampling_bench", BENCHMARKS / "sampling.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("sampling")
     seen = []
     real = generation.sample_categorical
     monkeypatch.setattr(generation, "sample_categorical", lambda probs: seen.append(1) or real(probs))
