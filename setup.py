@@ -47,10 +47,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "chatrlhf-sft=chatrlhf.training.step1_sft.main:main",
-            "chatrlhf-reward=chatrlhf.training.step2_reward.main:main",
-            "chatrlhf-dpo=chatrlhf.training.step2_dpo.main:main",
-            "chatrlhf-ppo=chatrlhf.training.step3_ppo.main:main",
+            "chatrlhf-sft=chatrlhf.training.step1_sft.main:cli",
+            "chatrlhf-reward=chatrlhf.training.step2_reward.main:cli",
+            "chatrlhf-dpo=chatrlhf.training.step2_dpo.main:cli",
+            "chatrlhf-ppo=chatrlhf.training.step3_ppo.main:cli",
             "chatrlhf-train=chatrlhf.training.pipeline.cli:main",
         ]
     },

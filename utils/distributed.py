@@ -11,8 +11,10 @@ import atexit
 import os
 import socket
 import sys
+import threading
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -117,6 +119,49 @@ def _shutdown() -> None:
     if is_initialized() and not _exit["failed"]:
         dist.destroy_process_group()
     release_shared_memory(rank)
+
+
+def run_as_process(main: Callable[[], object]) -> NoReturn:
+    """Runs `main()` as this process's whole life (a step's entry: `python -m`, the deepspeed launcher, the console
+    scripts) and ends the process without interpreter teardown.
+
+    DeepSpeed keeps references to the process groups, so destroying them at exit (`_shutdown`) leaves gloo's worker
+    threads running. At teardown such a thread can take the GIL of a finalizing interpreter, which ends the thread
+    inside C++ and aborts the rank ("terminate called without an active exception", one CI run in several, after
+    the run had saved everything). So the exit work runs here while the interpreter is whole: non-daemon threads
+    are joined, the exit handlers run (the group destroyed, shared memory unlinked, logs flushed), the streams are
+    flushed, and os._exit ends the process with the code Python would have given it."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = _exit_code(e.code)
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        code = 130  # what a shell reports for SIGINT
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # the traceback; the hook also marks the process as failed for _shutdown
+        code = 1
+    shutdown_threads = getattr(threading, "_shutdown", None)  # what interpreter teardown runs first
+    if shutdown_threads is not None:
+        shutdown_threads()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # closed or replaced streams: nothing left to lose
+            pass
+    os._exit(code)
+
+
+def _exit_code(code: object) -> int:
+    """SystemExit's argument as Python's own exit turns it into a status (a message goes to stderr, status 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
 
 
 def accelerator():

@@ -59,3 +59,73 @@ def test_a_rank_that_raises_still_prints_its_traceback_and_fails(tmp_path):
               "raise RuntimeError('boom from the test')\n")
     proc = _run_alone(script)
     assert proc.returncode == 1 and "RuntimeError: boom from the test" in proc.stderr, proc.stderr[-3000:]
+
+
+# A thread inside C++ with the GIL released (a TCPStore wait here; gloo's workers in a real run) that returns while the
+# interpreter is torn down: the thread ends inside C++ and the process aborts, after main() had finished its work.
+TEARDOWN_SCRIPT = '''
+import sys, threading, time
+from datetime import timedelta
+import torch.distributed as tdist
+from chatrlhf.utils import distributed as dist
+
+class SlowTeardown:
+    def __del__(self, sleep=time.sleep):
+        sleep(2)  # a module global freed at teardown, the GIL released while it sleeps
+
+def main():
+    store = tdist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=30))
+    def wait():
+        try:
+            store.wait(["never set"], timedelta(seconds=1))
+        except Exception:
+            pass
+    threading.Thread(target=wait, daemon=True).start()
+    global keep
+    keep = SlowTeardown()
+    print("main done")
+
+main() if sys.argv[1] == "plain" else dist.run_as_process(main)
+'''
+
+
+def test_a_step_process_is_not_aborted_by_a_native_thread_at_interpreter_teardown(tmp_path):
+    """What aborted a CI rank after its run had saved everything ("terminate called without an active exception"):
+    left to interpreter teardown, the process dies of SIGABRT; run_as_process (every step's entry) exits 0."""
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN_SCRIPT)
+    runs = {how: subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120)
+            for how in ("plain", "run_as_process")}
+    assert runs["plain"].returncode == -6 and "terminate called" in runs["plain"].stderr  # the hazard is real
+    wrapped = runs["run_as_process"]
+    assert wrapped.returncode == 0 and wrapped.stdout == "main done\n", wrapped.stderr[-3000:]
+
+
+EXIT_CODE_SCRIPT = '''
+import atexit, sys
+from chatrlhf.utils import distributed as dist
+
+def main():
+    dist.init_distributed()  # a process group, so that its exit handler runs too
+    atexit.register(lambda: print("exit handler ran", file=sys.stderr))
+    sys.stdout.write("unflushed tail")  # no newline: lost if the streams were not flushed before os._exit
+    {ending}
+
+dist.run_as_process(main)
+'''
+
+
+@pytest.mark.parametrize("ending, code, stderr", [
+    ("return {'eval/loss': 1.0}", 0, None),  # a step's main returns its metrics: still status 0
+    ("raise SystemExit(3)", 3, None),
+    ("raise SystemExit('--data_path: no such file')", 1, "--data_path: no such file"),
+    ("raise ValueError('bad record 7')", 1, "ValueError: bad record 7"),
+])
+def test_run_as_process_exits_as_python_would_after_running_the_exit_handlers(ending, code, stderr):
+    """The status Python itself would give, the exit handlers run (the process group's and the user's), nothing
+    written is lost, and an error's traceback or message is printed."""
+    proc = _run_alone(EXIT_CODE_SCRIPT.format(ending=ending))
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert proc.stdout.endswith("unflushed tail") and "exit handler ran" in proc.stderr, (proc.stdout, proc.stderr)
+    if stderr:
+        assert stderr in proc.stderr, proc.stderr[-3000:]

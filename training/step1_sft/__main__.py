@@ -1,3 +1,3 @@
-from chatrlhf.training.step1_sft.main import main
+from chatrlhf.training.step1_sft.main import cli
 
-main()
+cli()

@@ -8,6 +8,8 @@ Flags: `--help`; recipes: applications/recipes/. Parse -> build -> train -> save
 """
 from __future__ import annotations
 
+from typing import NoReturn
+
 from chatrlhf.training import memory_plan
 from chatrlhf.training.builders import build_trained_model, start_run
 from chatrlhf.training.dschat import print_notice
@@ -16,6 +18,7 @@ from chatrlhf.training.loop import total_optimizer_steps
 from chatrlhf.training.step1_sft import trainer
 from chatrlhf.training.step1_sft.config import SFTConfig
 from chatrlhf.training.step1_sft.data import SFT_DATA, SFTCollator
+from chatrlhf.utils import distributed as dist
 from chatrlhf.utils.config import parse_config, save_config
 from chatrlhf.utils.logging import print0
 from chatrlhf.utils.models import load_tokenizer
@@ -46,5 +49,11 @@ def main(argv: list[str] | None = None) -> dict:
     return run(cfg)
 
 
+def cli() -> NoReturn:
+    """The process entry (`python -m`, the deepspeed launcher, `chatrlhf-sft`): main, then an exit without
+    interpreter teardown (utils.distributed.run_as_process)."""
+    dist.run_as_process(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,3 +1,3 @@
-from chatrlhf.training.step2_dpo.main import main
+from chatrlhf.training.step2_dpo.main import cli
 
-main()
+cli()

@@ -13,6 +13,7 @@ applications/recipes/. Parse -> build -> train -> save; `run(config)` is what te
 from __future__ import annotations
 
 import gc
+from typing import NoReturn
 
 from chatrlhf.training import memory_plan
 from chatrlhf.training.builders import build_frozen_model, build_trained_model, start_run
@@ -75,5 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     return run(cfg)
 
 
+def cli() -> NoReturn:
+    """The process entry (`python -m`, the deepspeed launcher, `chatrlhf-dpo`): main, then an exit without
+    interpreter teardown (utils.distributed.run_as_process)."""
+    dist.run_as_process(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

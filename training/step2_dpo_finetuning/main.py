@@ -2,7 +2,7 @@
 
 Launch glue under DeepSpeed-Chat's path (not a package, not installed); docs/FROM_DSCHAT.md.
 """
-from chatrlhf.training.step2_dpo.main import main
+from chatrlhf.training.step2_dpo.main import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

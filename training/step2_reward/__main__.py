@@ -1,3 +1,3 @@
-from chatrlhf.training.step2_reward.main import main
+from chatrlhf.training.step2_reward.main import cli
 
-main()
+cli()

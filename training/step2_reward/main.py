@@ -11,6 +11,8 @@ applications/recipes/. Parse -> build -> train -> save; `run(config)` is what te
 """
 from __future__ import annotations
 
+from typing import NoReturn
+
 from chatrlhf.training import memory_plan
 from chatrlhf.training.builders import build_trained_model, start_run
 from chatrlhf.training.dschat import print_notice
@@ -19,6 +21,7 @@ from chatrlhf.training.loop import total_optimizer_steps
 from chatrlhf.training.step2_reward import trainer
 from chatrlhf.training.step2_reward.config import RewardConfig
 from chatrlhf.training.step2_reward.data import REWARD_DATA, PairCollator
+from chatrlhf.utils import distributed as dist
 from chatrlhf.utils.config import parse_config, save_config
 from chatrlhf.utils.logging import print0
 from chatrlhf.utils.models import load_tokenizer
@@ -48,5 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     return run(cfg)
 
 
+def cli() -> NoReturn:
+    """The process entry (`python -m`, the deepspeed launcher, `chatrlhf-reward`): main, then an exit without
+    interpreter teardown (utils.distributed.run_as_process)."""
+    dist.run_as_process(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -3,7 +3,7 @@ chatrlhf.training.step2_reward.
 
 Launch glue under DeepSpeed-Chat's path (not a package, not installed); docs/FROM_DSCHAT.md.
 """
-from chatrlhf.training.step2_reward.main import main
+from chatrlhf.training.step2_reward.main import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,3 +1,3 @@
-from chatrlhf.training.step3_ppo.main import main
+from chatrlhf.training.step3_ppo.main import cli
 
-main()
+cli()

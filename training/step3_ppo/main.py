@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NoReturn
 
 from chatrlhf.training import memory_plan
 from chatrlhf.training.builders import build_frozen_model, build_trained_model, frozen_zero_stage, start_run
@@ -144,5 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
     return run(cfg)
 
 
+def cli() -> NoReturn:
+    """The process entry (`python -m`, the deepspeed launcher, `chatrlhf-ppo`): main, then an exit without
+    interpreter teardown (utils.distributed.run_as_process)."""
+    dist.run_as_process(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

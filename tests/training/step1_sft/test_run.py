@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,3 +217,23 @@ def test_zero3_loads_each_rank_a_shard(tiny_model_dir):
     assert all(hasattr(p, "ds_id") for p in params)
     big = [p for p in params if p.ds_numel > 1e4]  # above the persistence threshold: released between uses
     assert big and all(p.numel() == 0 for p in big)
+
+
+def test_the_installed_console_script_trains_and_exits_0(tiny_model_dir, real_records, tmp_path):
+    """`chatrlhf-sft ...` as pip installed it (the wrapper does `sys.exit(cli())`): a run that succeeds ends with
+    status 0 and a saved model (it was status 1, with the metrics dict printed as the error, when the script was
+    main itself)."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "chatrlhf-sft"]
+    out = tmp_path / "sft"
+    flags = _flags(tiny_model_dir("llama"), out, real_records, tmp_path / "cache", max_steps=1, eval_iters=1)
+    argv = [f"--{k}" if v is True else f"--{k}={v if not isinstance(v, list) else v[0]}" for k, v in flags.items()]
+    wrapper = (f"import sys\nfrom importlib.metadata import entry_points\n"
+               f"sys.argv = ['chatrlhf-sft', *{argv!r}]\n"
+               f"sys.exit([e for e in entry_points(group='console_scripts') if e.name == 'chatrlhf-sft'][0].load()())\n")
+    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+    assert script.value == "chatrlhf.training.step1_sft.main:cli"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
