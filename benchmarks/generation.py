@@ -213,4 +213,4 @@ def vllm_vs_hf(args, tok, ids, mask, tokens: int, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    dist.run_as_process(main)  # a rank: no interpreter teardown (see there)

@@ -92,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    dist.run_as_process(main)  # a rank: no interpreter teardown (see there)

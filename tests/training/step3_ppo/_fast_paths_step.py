@@ -137,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    dist.run_as_process(main)  # a rank: no interpreter teardown (see there)

@@ -275,7 +275,9 @@ for step, rows in enumerate(data["ranks"][rank]):
                 scores=data["scores"][rows], prompt_len=2)
     experience.shape_and_estimate(r, cfg, 0.0, moments)
     out[step] = r.advantages.tolist()
-json.dump({"advantages": out, "moments": moments.state_dict()}, open(out_dir + f"/rank{rank}.json", "w"))
+with open(out_dir + f"/rank{rank}.json", "w") as f:
+    json.dump({"advantages": out, "moments": moments.state_dict()}, f)
+dist.run_as_process(lambda: None)  # ends as a step's rank does: no interpreter teardown
 '''
 
 
