@@ -232,8 +232,11 @@ def test_the_installed_console_script_trains_and_exits_0(tiny_model_dir, real_re
     wrapper = (f"import sys\nfrom importlib.metadata import entry_points\n"
                f"sys.argv = ['chatrlhf-sft', *{argv!r}]\n"
                f"sys.exit([e for e in entry_points(group='console_scripts') if e.name == 'chatrlhf-sft'][0].load()())\n")
+    # Without this process's process-group variables (an in-process run set them): the script is a process of its own.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+                          env=dict(env, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
     assert script.value == "chatrlhf.training.step1_sft.main:cli"
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert AutoModelForCausalLM.from_pretrained(out) is not None
