@@ -179,6 +179,26 @@ def hh_rlhf_sample(hh_rlhf_path):
     return write
 
 
+# What a run in this process may have set (an in-process step makes it a world of one): a child given these would
+# join, or collide with, this process's group.
+PROCESS_GROUP_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def lone_process():
+    """`lone_process(args, timeout=300)`: `python *args` as a process of its own (none of this process's
+    process-group variables, no hub); returns the CompletedProcess."""
+    import subprocess
+
+    def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARS}
+        env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def deepspeed_launch():
     """`deepspeed_launch(target, args, num_ranks=2, timeout=600)`: runs the `deepspeed` launcher on this machine;

@@ -1,9 +1,6 @@
 """utils.distributed: what a rank leaves behind when it exits."""
 import glob
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -34,13 +31,7 @@ def test_ranks_exit_clean_and_leave_no_shared_memory(tmp_path, deepspeed_launch)
     assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{got[0]['port']}_*") == []
 
 
-def _run_alone(script: str) -> subprocess.CompletedProcess:
-    """`script` in a plain python process of its own (without this process's process-group variables)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-
-
-def test_a_world_of_one_skips_the_shared_memory_op(tmp_path):
+def test_a_world_of_one_skips_the_shared_memory_op(lone_process):
     """A lone CPU process needs no shared-memory all-reduce: DeepSpeed's op (a C++ build on first use) is not
     loaded, and collectives still work."""
     script = ("import torch, deepspeed.comm.comm as c\n"
@@ -48,16 +39,16 @@ def test_a_world_of_one_skips_the_shared_memory_op(tmp_path):
               "dist.init_distributed()\n"
               "assert dist.get_world_size() == 1 and c.cdb.shm_comm_op is None, c.cdb.shm_comm_op\n"
               "assert dist.all_reduce_sum(torch.ones(3)).tolist() == [1.0] * 3\n")
-    proc = _run_alone(script)
+    proc = lone_process(["-c", script])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_a_rank_that_raises_still_prints_its_traceback_and_fails(tmp_path):
+def test_a_rank_that_raises_still_prints_its_traceback_and_fails(lone_process):
     """The exit handler leaves a failing process alone: its traceback is printed, it exits 1, it does not hang."""
     script = ("from chatrlhf.utils import distributed as dist\n"
               "dist.init_distributed()\n"
               "raise RuntimeError('boom from the test')\n")
-    proc = _run_alone(script)
+    proc = lone_process(["-c", script])
     assert proc.returncode == 1 and "RuntimeError: boom from the test" in proc.stderr, proc.stderr[-3000:]
 
 
@@ -89,13 +80,12 @@ main() if sys.argv[1] == "plain" else dist.run_as_process(main)
 '''
 
 
-def test_a_step_process_is_not_aborted_by_a_native_thread_at_interpreter_teardown(tmp_path):
+def test_a_step_process_is_not_aborted_by_a_native_thread_at_interpreter_teardown(tmp_path, lone_process):
     """What aborted a CI rank after its run had saved everything ("terminate called without an active exception"):
     left to interpreter teardown, the process dies of SIGABRT; run_as_process (every step's entry) exits 0."""
     script = tmp_path / "teardown.py"
     script.write_text(TEARDOWN_SCRIPT)
-    runs = {how: subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120)
-            for how in ("plain", "run_as_process")}
+    runs = {how: lone_process([script, how], timeout=120) for how in ("plain", "run_as_process")}
     assert runs["plain"].returncode == -6 and "terminate called" in runs["plain"].stderr  # the hazard is real
     wrapped = runs["run_as_process"]
     assert wrapped.returncode == 0 and wrapped.stdout == "main done\n", wrapped.stderr[-3000:]
@@ -121,10 +111,10 @@ dist.run_as_process(main)
     ("raise SystemExit('--data_path: no such file')", 1, "--data_path: no such file"),
     ("raise ValueError('bad record 7')", 1, "ValueError: bad record 7"),
 ])
-def test_run_as_process_exits_as_python_would_after_running_the_exit_handlers(ending, code, stderr):
+def test_run_as_process_exits_as_python_would_after_running_the_exit_handlers(ending, code, stderr, lone_process):
     """The status Python itself would give, the exit handlers run (the process group's and the user's), nothing
     written is lost, and an error's traceback or message is printed."""
-    proc = _run_alone(EXIT_CODE_SCRIPT.format(ending=ending))
+    proc = lone_process(["-c", EXIT_CODE_SCRIPT.format(ending=ending)])
     assert proc.returncode == code, proc.stderr[-3000:]
     assert proc.stdout.endswith("unflushed tail") and "exit handler ran" in proc.stderr, (proc.stdout, proc.stderr)
     if stderr:

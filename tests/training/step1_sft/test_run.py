@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +25,10 @@ def _flags(model_dir, out, data, cache, **extra) -> dict:
                  seed=7, skip_malformed=True)
     flags.update(extra)
     return flags
+
+
+def _argv(flags: dict) -> list[str]:
+    return [a for k, v in flags.items() for a in (f"--{k}", *map(str, v if isinstance(v, list) else [v]))]
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +190,7 @@ def test_two_ranks_zero3_match_one_process(tiny_model_dir, real_records, tmp_pat
     ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     flags = _flags(model, two, real_records, tmp_path / "c", max_steps=5, per_device_train_batch_size=2,
                    zero_stage=3, deepspeed_config=str(ds_json))
-    argv = []
-    for k, v in flags.items():
-        argv += [f"--{k}", *(v if isinstance(v, list) else [v])]
+    argv = _argv(flags)
     # The script form users know from DeepSpeed-Chat: deepspeed training/step1_sft/main.py ...
     deepspeed_launch(str(REPO / "training" / "step1_sft" / "main.py"), argv)
     assert _train_losses(two) == pytest.approx(_train_losses(one), abs=2e-4)
@@ -219,24 +218,17 @@ def test_zero3_loads_each_rank_a_shard(tiny_model_dir):
     assert big and all(p.numel() == 0 for p in big)
 
 
-def test_the_installed_console_script_trains_and_exits_0(tiny_model_dir, real_records, tmp_path):
+def test_the_installed_console_script_trains_and_exits_0(tiny_model_dir, real_records, tmp_path, lone_process):
     """`chatrlhf-sft ...` as pip installed it (the wrapper does `sys.exit(cli())`): a run that succeeds ends with
     status 0 and a saved model (it was status 1, with the metrics dict printed as the error, when the script was
     main itself)."""
-    from importlib.metadata import entry_points
-
-    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "chatrlhf-sft"]
     out = tmp_path / "sft"
     flags = _flags(tiny_model_dir("llama"), out, real_records, tmp_path / "cache", max_steps=1, eval_iters=1)
-    argv = [f"--{k}" if v is True else f"--{k}={v if not isinstance(v, list) else v[0]}" for k, v in flags.items()]
-    wrapper = (f"import sys\nfrom importlib.metadata import entry_points\n"
-               f"sys.argv = ['chatrlhf-sft', *{argv!r}]\n"
-               f"sys.exit([e for e in entry_points(group='console_scripts') if e.name == 'chatrlhf-sft'][0].load()())\n")
-    # Without this process's process-group variables (an in-process run set them): the script is a process of its own.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                                                            "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=300,
-                          env=dict(env, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
-    assert script.value == "chatrlhf.training.step1_sft.main:cli"
+    wrapper = ("import sys\nfrom importlib.metadata import entry_points\n"
+               "(script,) = [e for e in entry_points(group='console_scripts') if e.name == 'chatrlhf-sft']\n"
+               "assert script.value == 'chatrlhf.training.step1_sft.main:cli', script.value\n"
+               f"sys.argv = ['chatrlhf-sft', *{_argv(flags)!r}]\n"
+               "sys.exit(script.load()())\n")
+    proc = lone_process(["-c", wrapper])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert AutoModelForCausalLM.from_pretrained(out) is not None
