@@ -29,9 +29,11 @@ SECTIONS = ("common", "step1", "step2", "step2_dpo", "step3")
 # (bucket, largest parameter count it takes); the last bucket takes everything bigger.
 SIZE_BUCKETS = (("small", 500e6), ("1b", 3e9), ("7b", float("inf")))
 # A recipe value "{last_block}" becomes the name prefix of the model's last transformer block (e.g.
-# "model.layers.29."), and "{last_blocks:N}" the prefixes of its last N, comma-separated (a union for
-# --lora_module_name), so a recipe can put LoRA there for any family.
+# "model.layers.29."), "{last_blocks:N}" the prefixes of its last N, comma-separated (a union for
+# --lora_module_name), and "{all_blocks}" the prefix of the whole stack ("model.layers."), so a recipe can put LoRA
+# there for any family.
 LAST_BLOCK = "{last_block}"
+ALL_BLOCKS = "{all_blocks}"
 LAST_BLOCKS = re.compile(r"\{last_blocks:(\d+)\}")
 
 
@@ -123,17 +125,17 @@ def _last_block(model) -> str | None:
 
 
 def fill_placeholders(values: dict, summary: dict, where: str) -> dict:
-    """Replaces "{last_block}" and "{last_blocks:N}" in string values; a recipe that needs them for a model without
-    blocks is an error."""
+    """Replaces "{last_block}", "{last_blocks:N}" and "{all_blocks}" in string values; a recipe that needs them for a
+    model without blocks is an error."""
     out = {}
     for key, value in values.items():
-        if isinstance(value, str) and (LAST_BLOCK in value or LAST_BLOCKS.search(value)):
+        if isinstance(value, str) and (LAST_BLOCK in value or ALL_BLOCKS in value or LAST_BLOCKS.search(value)):
             last = summary.get("last_block")
             if not last:
                 raise ValueError(f"{where}: {key}: {value} needs a model with a list of transformer blocks; "
                                  f"override --{key}")
             stack, index = last.rstrip(".").rsplit(".", 1)  # "model.layers", "29"
-            value = value.replace(LAST_BLOCK, last)
+            value = value.replace(LAST_BLOCK, last).replace(ALL_BLOCKS, stack + ".")
             value = LAST_BLOCKS.sub(lambda m: ",".join(
                 f"{stack}.{i}." for i in range(max(0, int(index) - int(m.group(1)) + 1), int(index) + 1)), value)
         out[key] = value

@@ -132,13 +132,16 @@ def test_dpo_path_refuses_step_3_and_wrong_values(tiny_model_dir, tmp_path, caps
 
 def test_last_block_placeholders_name_the_models_own_blocks():
     summary = {"last_block": "model.layers.29."}
-    values = {"a": "{last_block}", "b": "{last_blocks:3}", "c": 4}
+    values = {"a": "{last_block}", "b": "{last_blocks:3}", "c": 4, "d": "{all_blocks}"}
     assert recipes.fill_placeholders(values, summary, "r") == {
-        "a": "model.layers.29.", "b": "model.layers.27.,model.layers.28.,model.layers.29.", "c": 4}
+        "a": "model.layers.29.", "b": "model.layers.27.,model.layers.28.,model.layers.29.", "c": 4,
+        "d": "model.layers."}
     assert recipes.fill_placeholders({"b": "{last_blocks:5}"}, {"last_block": "transformer.h.1."}, "r") == {
         "b": "transformer.h.0.,transformer.h.1."}  # no more blocks than the model has
     with pytest.raises(ValueError, match="needs a model with a list of transformer blocks"):
         recipes.fill_placeholders({"b": "{last_blocks:2}"}, {"last_block": None}, "r")
+    with pytest.raises(ValueError, match="needs a model with a list of transformer blocks"):
+        recipes.fill_placeholders({"d": "{all_blocks}"}, {"last_block": None}, "r")
 
 
 def test_dpo_plan_is_wired_to_step_1_and_the_actor(tmp_path):

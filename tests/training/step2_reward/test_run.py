@@ -304,3 +304,24 @@ def test_no_evaluation_before_training_when_asked(tiny_model_dir, planted, tmp_p
     assert [m["step"] for m in read_metrics(out) if "eval/accuracy" in m] == [2]
     before, after = key_metrics("step2_reward", out)["eval/accuracy"]
     assert before is None and after == _evals(out)[-1]
+
+
+def test_heldout_scores_the_pairs_step_2_held_out_as_step_2_did(planted_run, tmp_path, capsys):
+    from chatrlhf.training.step2_reward import heldout
+
+    cfg, out, metrics = planted_run
+    with pytest.raises(ValueError, match="step 2's own share"):
+        heldout.main(["--model_name_or_path", str(out), "--shares", "1"])
+    rows_file = tmp_path / "rows.jsonl"
+    result = heldout.main(["--model_name_or_path", str(out), "--shares", "--dtype", "fp32",
+                           "--output_file", str(rows_file)])
+    # The same 80 pairs, split as step 2 split them, scored alike.
+    assert result["pairs"] == metrics["eval/pairs"] == 80
+    assert result["accuracy"] == pytest.approx(metrics["eval/accuracy"])
+    assert result["shorter_wins"] == pytest.approx(metrics["eval/shorter_wins"])
+    assert result["length_controlled_pairs"] == metrics["eval/length_controlled_pairs"] > 70
+    assert result["accuracy_length_controlled"] == pytest.approx(metrics["eval/accuracy_length_controlled"])
+    assert "80 unseen pairs" in capsys.readouterr().out
+    same = heldout.main(["--model_name_or_path", str(out), "--shares", "--dtype", "fp32",
+                         "--baseline_file", str(rows_file)])
+    assert same["accuracy_diff"] == 0 and same["accuracy_diff_se"] == 0
