@@ -60,23 +60,30 @@ def pair_rows(model, dataset, collate, batch_size: int, name: str) -> list[dict]
     return rows
 
 
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample std / sqrt(n))."""
+    n = len(values)
+    if not n:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / max(n - 1, 1) / n)
+
+
+def _close(row: dict) -> bool:
+    """Answers within 20% of each other's length: step 2's length-controlled pairs."""
+    return abs(row["chosen_length"] - row["rejected_length"]) < CLOSE * max(row["chosen_length"],
+                                                                            row["rejected_length"])
+
+
 def summarize(rows: list[dict]) -> dict:
     """accuracy, shorter_wins (ties half) and accuracy_length_controlled, each with its standard error (`_se`)."""
-    def mean_se(values):
-        n = len(values)
-        if not n:
-            return float("nan"), float("nan")
-        m = sum(values) / n
-        return m, math.sqrt(sum((v - m) ** 2 for v in values) / max(n - 1, 1) / n)
-
     correct = [float(r["chosen"] > r["rejected"]) for r in rows]
     shorter = [1.0 if r["chosen_length"] < r["rejected_length"] else 0.5 if r["chosen_length"] == r["rejected_length"]
                else 0.0 for r in rows]
-    close = [c for c, r in zip(correct, rows)
-             if abs(r["chosen_length"] - r["rejected_length"]) < CLOSE * max(r["chosen_length"], r["rejected_length"])]
+    close = [c for c, r in zip(correct, rows) if _close(r)]
     out = {"pairs": len(rows), "length_controlled_pairs": len(close)}
     for key, values in (("accuracy", correct), ("shorter_wins", shorter), ("accuracy_length_controlled", close)):
-        out[key], out[key + "_se"] = mean_se(values)
+        out[key], out[key + "_se"] = _mean_se(values)
     return out
 
 
@@ -85,13 +92,10 @@ def paired(rows: list[dict], baseline: list[dict]) -> dict:
     if [(r["set"], r["index"]) for r in rows] != [(r["set"], r["index"]) for r in baseline]:
         raise ValueError("--baseline_file holds other pairs than this evaluation (another data config?)")
     diffs = [float(a["chosen"] > a["rejected"]) - float(b["chosen"] > b["rejected"]) for a, b in zip(rows, baseline)]
-    close = [d for d, r in zip(diffs, rows)
-             if abs(r["chosen_length"] - r["rejected_length"]) < CLOSE * max(r["chosen_length"], r["rejected_length"])]
     out = {}
-    for key, values in (("accuracy_diff", diffs), ("accuracy_length_controlled_diff", close)):
-        n, m = len(values), sum(values) / max(len(values), 1)
-        out[key] = m
-        out[key + "_se"] = math.sqrt(sum((v - m) ** 2 for v in values) / max(n - 1, 1) / max(n, 1))
+    for key, values in (("accuracy_diff", diffs),
+                        ("accuracy_length_controlled_diff", [d for d, r in zip(diffs, rows) if _close(r)])):
+        out[key], out[key + "_se"] = _mean_se(values)
     return out
 
 
