@@ -12,12 +12,15 @@ REDUCE_BUCKET_SIZE = int(5e8)  # DeepSpeed's default
 
 def build_ds_config(*, zero_stage: int, dtype: str, micro_batch_size: int, gradient_accumulation_steps: int,
                     world_size: int, offload: bool = False, gradient_clipping: float = 1.0,
-                    inference_only: bool = False, user_config: dict | None = None) -> dict[str, Any]:
+                    inference_only: bool = False, user_config: dict | None = None,
+                    reduce_scatter: bool = True) -> dict[str, Any]:
     """The config for one model's engine.
 
     dtype: fp32, bf16 or fp16 (already resolved from "auto"). offload: optimizer state to CPU, plus parameters
     under ZeRO-3. inference_only: a frozen model (reference, reward): no optimizer offload, just sharding.
     user_config: a user's own DeepSpeed JSON, merged over ours (their keys win, nested dicts merged).
+    reduce_scatter: ZeRO 1-2's gradient reduction by partition (DeepSpeed's default); False all-reduces each bucket
+    whole, which is faster over gloo on a CPU.
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
@@ -47,6 +50,10 @@ def build_ds_config(*, zero_stage: int, dtype: str, micro_batch_size: int, gradi
         # DeepSpeed's own defaults (reduce_bucket_size 5e8, overlap_comm off below ZeRO-3): a 5e7 bucket cut a 135M
         # model's gradient reduction into three collectives instead of one.
         zero.update({"contiguous_gradients": True, "reduce_bucket_size": REDUCE_BUCKET_SIZE})
+        if not reduce_scatter:
+            # The partitioned path slices and copies every parameter's gradient per owning rank before reducing;
+            # over gloo one all-reduce of the whole bucket took 1.2 s less per dschat PPO step (3 interleaved rounds).
+            zero["reduce_scatter"] = False
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,

@@ -35,7 +35,8 @@ FAST_PATHS_ENV = "CHATRLHF_FAST_PATHS"
 
 def fast_paths_enabled() -> bool:
     """False when $CHATRLHF_FAST_PATHS is 0/false/off: every speed-only path (fused CPU AdamW, fp32 kernels for bf16
-    on CPUs without bf16 instructions, step 3's contiguous head input and reused scoring forward) falls back to
+    on CPUs without bf16 instructions, ZeRO 1-2 gradients all-reduced whole on CPU, step 3's contiguous head input
+    and reused scoring forward) falls back to
     the plain computation, to check that they agree (tests/training/step3_ppo/test_fast_paths.py)."""
     return os.environ.get(FAST_PATHS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
@@ -335,7 +336,7 @@ def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_b
     """The only place a DeepSpeed engine is made. `trainable=False` gives a frozen engine (reference, reward).
 
     `fast=False` turns off the CPU fast paths (fused AdamW, fp32 kernels for bf16 on CPUs without bf16
-    instructions) to compare against them; results agree within bf16 rounding. Default: `fast_paths_enabled()`."""
+    instructions, ZeRO 1-2 gradients all-reduced whole) to compare against them; results agree within bf16 rounding. Default: `fast_paths_enabled()`."""
     import deepspeed
     from transformers import get_scheduler
 
@@ -351,7 +352,8 @@ def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_b
                                 gradient_accumulation_steps=gradient_accumulation_steps,
                                 world_size=dist.get_world_size(), offload=offload and trainable,
                                 gradient_clipping=gradient_clipping, inference_only=not trainable,
-                                user_config=read_user_config(user_config_path))
+                                user_config=read_user_config(user_config_path),
+                                reduce_scatter=not (fast and dist.accelerator().device_name() == "cpu"))
     lora_scaling = None
     peft_config = getattr(model, "peft_config", None)
     if peft_config:

@@ -167,6 +167,13 @@ def test_zero_1_2_reduce_in_deepspeeds_default_bucket_and_leave_overlap_to_it(st
     assert "overlap_comm" not in zero  # DeepSpeed's default for the stage
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_whole_bucket_all_reduce_only_when_asked_and_only_at_zero_1_2(stage):
+    assert "reduce_scatter" not in build(zero_stage=stage)["zero_optimization"]  # DeepSpeed's default: partitioned
+    zero = build(zero_stage=stage, reduce_scatter=False)["zero_optimization"]
+    assert zero.get("reduce_scatter", True) is (stage not in (1, 2))
+
+
 def test_zero3_keeps_deepspeeds_live_parameter_budget():
     zero = build(zero_stage=3)["zero_optimization"]
     assert zero["stage3_max_live_parameters"] == 1e9 and zero["stage3_prefetch_bucket_size"] == 5e7
