@@ -2,7 +2,7 @@
 
 utils <- training (shared modules) <- step packages <- inference; training/pipeline, the driver, sits on top.
 A step never imports another step, no shared module imports a step, and nobody imports a step's command-line
-module (its main.py, rw_eval.py) except that step's own __main__.py and launch glue.
+module (its main.py, rw_eval.py, heldout.py) except that step's own __main__.py and launch glue.
 
 Launch glue: Python files in a folder that is not a package (no __init__.py, so not installed), such as
 DeepSpeed-Chat's step folder names under training/ (training/step1_supervised_finetuning/main.py runs
@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("training", "inference", "utils")
-CLI_MODULES = {"main", "rw_eval"}  # a step's command-line modules: glue, never imported
+CLI_MODULES = {"main", "rw_eval", "heldout"}  # a step's command-line modules: glue, never imported
 GLUE_TARGETS = ("chatrlhf.inference.prompt_eval", "chatrlhf.inference.chatbot", "chatrlhf.training.pipeline.cli")
 
 

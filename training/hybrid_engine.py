@@ -36,8 +36,8 @@ FAST_PATHS_ENV = "CHATRLHF_FAST_PATHS"
 def fast_paths_enabled() -> bool:
     """False when $CHATRLHF_FAST_PATHS is 0/false/off: every speed-only path (fused CPU AdamW, fp32 kernels for bf16
     on CPUs without bf16 instructions, ZeRO 1-2 gradients all-reduced whole on CPU, step 3's contiguous head input
-    and reused scoring forward) falls back to
-    the plain computation, to check that they agree (tests/training/step3_ppo/test_fast_paths.py)."""
+    and reused scoring forward) falls back to the plain computation, to check that they agree
+    (tests/training/step3_ppo/test_fast_paths.py)."""
     return os.environ.get(FAST_PATHS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
@@ -336,7 +336,8 @@ def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_b
     """The only place a DeepSpeed engine is made. `trainable=False` gives a frozen engine (reference, reward).
 
     `fast=False` turns off the CPU fast paths (fused AdamW, fp32 kernels for bf16 on CPUs without bf16
-    instructions, ZeRO 1-2 gradients all-reduced whole) to compare against them; results agree within bf16 rounding. Default: `fast_paths_enabled()`."""
+    instructions, ZeRO 1-2 gradients all-reduced whole) to compare against them; results agree within bf16
+    rounding. Default: `fast_paths_enabled()`."""
     import deepspeed
     from transformers import get_scheduler
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
-CLOSE = 0.2  # answers within 20% of each other's length: step 2's length-controlled pairs
+from chatrlhf.training.step2_reward.trainer import LENGTH_CONTROLLED, pair_scores
+from chatrlhf.utils.stats import mean_se
 
 
 @dataclass
@@ -45,34 +45,22 @@ class HeldoutConfig:
 def pair_rows(model, dataset, collate, batch_size: int, name: str) -> list[dict]:
     """One {set, index, chosen, rejected, chosen_length, rejected_length} row per pair of `dataset`."""
     from chatrlhf.training.loop import eval_loader
-    from chatrlhf.training.value_model import end_scores, token_values
 
     rows = []
     with torch.no_grad():
         for batch in eval_loader(dataset, batch_size, collate):
-            mask = batch["attention_mask"]
-            scores = end_scores(token_values(model, batch["input_ids"], mask), mask).double()
-            chosen, rejected = scores.chunk(2)
+            chosen, rejected = pair_scores(model, batch)
             lc, lr = batch["answer_lengths"].chunk(2)
-            for c, r, a, b in zip(chosen.tolist(), rejected.tolist(), lc.tolist(), lr.tolist()):
+            for c, r, a, b in zip(chosen.double().tolist(), rejected.double().tolist(), lc.tolist(), lr.tolist()):
                 rows.append({"set": name, "index": len(rows), "chosen": c, "rejected": r,
                              "chosen_length": a, "rejected_length": b})
     return rows
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample std / sqrt(n))."""
-    n = len(values)
-    if not n:
-        return float("nan"), float("nan")
-    m = sum(values) / n
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / max(n - 1, 1) / n)
-
-
 def _close(row: dict) -> bool:
-    """Answers within 20% of each other's length: step 2's length-controlled pairs."""
-    return abs(row["chosen_length"] - row["rejected_length"]) < CLOSE * max(row["chosen_length"],
-                                                                            row["rejected_length"])
+    """Answers within 20% of each other's length: step 2's length-controlled pairs (trainer.evaluate's rule)."""
+    longer = max(row["chosen_length"], row["rejected_length"])
+    return abs(row["chosen_length"] - row["rejected_length"]) < LENGTH_CONTROLLED * longer
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -83,7 +71,7 @@ def summarize(rows: list[dict]) -> dict:
     close = [c for c, r in zip(correct, rows) if _close(r)]
     out = {"pairs": len(rows), "length_controlled_pairs": len(close)}
     for key, values in (("accuracy", correct), ("shorter_wins", shorter), ("accuracy_length_controlled", close)):
-        out[key], out[key + "_se"] = _mean_se(values)
+        out[key], out[key + "_se"] = mean_se(values)
     return out
 
 
@@ -95,7 +83,7 @@ def paired(rows: list[dict], baseline: list[dict]) -> dict:
     out = {}
     for key, values in (("accuracy_diff", diffs),
                         ("accuracy_length_controlled_diff", [d for d, r in zip(diffs, rows) if _close(r)])):
-        out[key], out[key + "_se"] = _mean_se(values)
+        out[key], out[key + "_se"] = mean_se(values)
     return out
 
 

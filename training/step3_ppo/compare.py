@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from chatrlhf.utils.stats import mean_se
+
 
 def eval_steps(output_dir) -> list[int]:
     """The steps at which answers were written, in order."""
@@ -66,8 +68,7 @@ def length_adjusted(score_diff: np.ndarray, length_diff: np.ndarray) -> tuple[fl
     score_diff, length_diff: (n,) float arrays."""
     n = len(score_diff)
     if n < 3 or np.ptp(length_diff) == 0:  # no length variation: nothing to regress out
-        se = float(np.std(score_diff, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-        return float(np.mean(score_diff)), se, 0.0
+        return (*mean_se(score_diff), 0.0)
     X = np.stack([np.ones(n), length_diff.astype(float)], axis=1)
     coef, *_ = np.linalg.lstsq(X, score_diff.astype(float), rcond=None)
     resid = score_diff - X @ coef
@@ -86,17 +87,16 @@ def compare(before: dict, after: dict) -> Comparison:
     sb, sa = np.array([r["score"] for r in b]), np.array([r["score"] for r in a])
     lb, la = np.array([r["length"] for r in b], float), np.array([r["length"] for r in a], float)
     d = sa - sb
-    n = len(d)
-    gain_se = float(np.std(d, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    gain, gain_se = mean_se(d)
     g, g_se, slope = length_adjusted(d, la - lb)
     ended = np.array([x["eos"] and y["eos"] for x, y in zip(b, a)], bool)
-    de = d[ended]
-    mean = lambda x: float(np.mean(x)) if len(x) else math.nan  # noqa: E731
-    return Comparison(n=n, score=(mean(sb), mean(sa)), length=(mean(lb), mean(la)),
+    gain_both_ended, gain_both_ended_se = mean_se(d[ended])
+    mean = lambda x: mean_se(x)[0]  # noqa: E731
+    return Comparison(n=len(d), score=(mean(sb), mean(sa)), length=(mean(lb), mean(la)),
                       eos=(mean([r["eos"] for r in b]), mean([r["eos"] for r in a])),
-                      gain=float(np.mean(d)), gain_se=gain_se, gain_at_equal_length=g, gain_at_equal_length_se=g_se,
-                      score_per_token=slope, both_ended=int(ended.sum()), gain_both_ended=mean(de),
-                      gain_both_ended_se=float(np.std(de, ddof=1) / math.sqrt(len(de))) if len(de) > 1 else math.nan)
+                      gain=gain, gain_se=gain_se, gain_at_equal_length=g, gain_at_equal_length_se=g_se,
+                      score_per_token=slope, both_ended=int(ended.sum()), gain_both_ended=gain_both_ended,
+                      gain_both_ended_se=gain_both_ended_se)
 
 
 def first_and_last(output_dir) -> tuple[dict, dict] | None:
