@@ -18,7 +18,12 @@ KEY_METRICS = {
     "step1_sft": [("eval/perplexity", "eval perplexity", "{:.2f}")],
     "step2_reward": [("eval/accuracy", "held-out pairwise accuracy", "{:.3f}"),
                      ("eval/shorter_wins", '"the shorter answer wins" on the same pairs', "{:.3f}"),
-                     ("eval/accuracy_length_controlled", "accuracy on pairs within 20% in length", "{:.3f}")],
+                     ("eval/accuracy_length_controlled", "accuracy on pairs within 20% in length", "{:.3f}"),
+                     # --heldout_shares: every pair it never trained on (eval split + later shares), as one set
+                     ("heldout/pairs", "pairs it never trained on (eval split + --heldout_shares)", "{:d}"),
+                     ("heldout/accuracy", "pairwise accuracy on those", "{:.3f}"),
+                     ("heldout/shorter_wins", '"the shorter answer wins" on those', "{:.3f}"),
+                     ("heldout/accuracy_length_controlled", "accuracy on those within 20% in length", "{:.3f}")],
     "step2_dpo": [("eval/accuracy", "held-out preference accuracy (implicit reward; ties half)", "{:.3f}"),
                   ("eval/logprob_accuracy", "held-out log-prob accuracy (chosen more likely)", "{:.3f}"),
                   ("eval/chosen_logprob", "log-prob of the held-out chosen answers", "{:.2f}"),
@@ -45,13 +50,15 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def key_metrics(step: str, output_dir: Path) -> dict[str, list[float]]:
     """{key: [before, after]} of the key metrics of the step named `step` (e.g. step2_dpo); before is None when the
-    run did not evaluate before training (--eval_before_training false)."""
+    run did not evaluate before training (--eval_before_training false). A metric logged with its standard error
+    (`<key>_se`) brings it along as `<key>_se`, also [before, after]."""
     records = metrics_by_step(output_dir)
     out = {}
     for key, _, _ in KEY_METRICS[step]:
-        steps, values = series(records, key)
-        if values:
-            out[key] = [values[0] if steps[0] == 0 else None, values[-1]]
+        for name in (key, key + "_se"):
+            steps, values = series(records, name)
+            if values:
+                out[name] = [values[0] if steps[0] == 0 else None, values[-1]]
     return out
 
 
@@ -74,8 +81,11 @@ def summary_rows(plan: Plan, results: dict) -> list[list[str]]:
             if key not in res["metrics"]:
                 continue
             before, after = res["metrics"][key]
-            rows.append([name if first else "", wall if first else "", label,
-                         "-" if before is None else fmt.format(before), fmt.format(after)])
+            se = res["metrics"].get(key + "_se", [None, None])
+            show = lambda value, err: ("-" if value is None else fmt.format(value)  # noqa: E731
+                                       + ("" if err is None else f" +- {err:.3f}"))
+            rows.append([name if first else "", wall if first else "", label, show(before, se[0]),
+                         show(after, se[1])])
             first = False
         if first:
             rows.append([name, wall, "(no metrics)", "", ""])

@@ -1,7 +1,7 @@
 """Step 2 settings: the shared groups with reward-model defaults, plus what only step 2 has."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from chatrlhf.training.config import (DataArgs, DSChatArgs, EngineArgs, ModelArgs, OptimArgs, TrainArgs,
                                       apply_dschat)
@@ -24,6 +24,10 @@ class RewardConfig:
     center_coef: float = 0.0
     """Weight of the centring penalty coef * mean((chosen + rejected)^2), which keeps scores near 0
     (TRL's center_rewards_coefficient; 0.01 is a usual value)."""
+    heldout_shares: list[int] = field(default_factory=list)
+    """After training, also score every pair of these --data_split shares (from 0; step 3's is 2, whose prompts
+    alone it learns from) together with the eval split, as one set: heldout/* metrics on several times the eval
+    split's pairs. Default: none."""
 
     def __post_init__(self):
         apply_dschat(self)

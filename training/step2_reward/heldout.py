@@ -12,7 +12,6 @@ adds the paired difference.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,10 +87,9 @@ def paired(rows: list[dict], baseline: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from chatrlhf.training.data.pipeline import load_phase_data
     from chatrlhf.training.reward_model import load_reward_model
     from chatrlhf.training.step2_reward.config import RewardConfig
-    from chatrlhf.training.step2_reward.data import REWARD_DATA, PairCollator
+    from chatrlhf.training.step2_reward.data import PairCollator, check_unseen_shares, unseen_pairs
     from chatrlhf.utils.config import CONFIG_FILE, parse_config
 
     cfg = parse_config(HeldoutConfig, argv)
@@ -99,15 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not saved.is_file():
         raise FileNotFoundError(f"--model_name_or_path: {saved} is missing: this needs a step-2 output folder, whose "
                                 f"data settings it reuses")
-    if REWARD_DATA.share in cfg.shares:
-        raise ValueError(f"--shares: {REWARD_DATA.share} is step 2's own share (its training pairs)")
+    check_unseen_shares(cfg.shares, "--shares")
     step2 = parse_config(RewardConfig, ["--config", str(saved)])
     model, tokenizer = load_reward_model(cfg.model_name_or_path, cfg.dtype)
-    options = dict(seed=step2.train.seed, max_seq_len=step2.train.max_seq_len)
-    parts = [("step2_eval", load_phase_data(step2.data, REWARD_DATA, tokenizer, **options).eval)]
-    for share in cfg.shares:
-        data = load_phase_data(step2.data, dataclasses.replace(REWARD_DATA, share=share), tokenizer, **options)
-        parts += [(f"share{share}_train", data.train), (f"share{share}_eval", data.eval)]
+    parts = unseen_pairs(step2.data, tokenizer, cfg.shares, seed=step2.train.seed, max_seq_len=step2.train.max_seq_len)
     rows = []
     for name, dataset in parts:
         rows += pair_rows(model, dataset, PairCollator(tokenizer), cfg.batch_size, name)

@@ -20,7 +20,7 @@ from chatrlhf.training.data.pipeline import load_phase_data
 from chatrlhf.training.loop import total_optimizer_steps
 from chatrlhf.training.step2_reward import trainer
 from chatrlhf.training.step2_reward.config import RewardConfig
-from chatrlhf.training.step2_reward.data import REWARD_DATA, PairCollator
+from chatrlhf.training.step2_reward.data import REWARD_DATA, PairCollator, check_unseen_shares, unseen_pairs
 from chatrlhf.utils import distributed as dist
 from chatrlhf.utils.config import parse_config, save_config
 from chatrlhf.utils.logging import print0
@@ -29,6 +29,7 @@ from chatrlhf.utils.models import load_tokenizer
 
 def run(cfg: RewardConfig) -> dict:
     """Trains and saves; returns the final evaluation metrics."""
+    check_unseen_shares(cfg.heldout_shares, "--heldout_shares")
     logger = start_run(cfg.train, cfg)
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
     data = load_phase_data(cfg.data, REWARD_DATA, tokenizer, seed=cfg.train.seed, max_seq_len=cfg.train.max_seq_len)
@@ -40,6 +41,14 @@ def run(cfg: RewardConfig) -> dict:
     save_config(cfg, cfg.train.output_dir)
     metrics = trainer.train(engine, data, PairCollator(tokenizer), cfg, logger, total_steps)
     engine.save_pretrained(cfg.train.output_dir, tokenizer, keep_lora_adapter=cfg.model.keep_lora_adapter)
+    if cfg.heldout_shares:  # after the save: the model is safe whatever happens here
+        parts = unseen_pairs(cfg.data, tokenizer, cfg.heldout_shares, seed=cfg.train.seed,
+                             max_seq_len=cfg.train.max_seq_len, own_eval=data.eval)
+        print0(f"step 2: scoring the {sum(len(d) for _, d in parts)} pairs it never trained on "
+               f"({', '.join(f'{name} {len(d)}' for name, d in parts)})")
+        heldout = trainer.evaluate_unseen(engine, parts, PairCollator(tokenizer), cfg)
+        logger.log(total_steps, heldout)
+        metrics.update(heldout)
     logger.close()
     print0(f"step 2 done: {metrics}; model saved to {cfg.train.output_dir}")
     return metrics

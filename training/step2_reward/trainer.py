@@ -40,11 +40,12 @@ LENGTH_CONTROLLED = 0.2
 
 @torch.no_grad()
 def evaluate(engine, dataset, collate_fn, batch_size: int, max_batches: int, margin: float = 0.0,
-             center_coef: float = 0.0) -> dict:
+             center_coef: float = 0.0, prefix: str = "eval") -> dict:
     """Pairwise accuracy, mean chosen and rejected scores, mean margin (chosen - rejected) and loss over (at most
     `max_batches` batches per rank of) the eval split, summed across ranks. Next to the accuracy, what length alone
     scores on the same pairs ("the shorter answer wins", ties half) and the accuracy on the pairs whose answers are
-    within 20% of each other's length: a reward model that only learned length is at chance there."""
+    within 20% of each other's length: a reward model that only learned length is at chance there. The two
+    accuracies come with their standard errors (`_se`); keys are `prefix`/name."""
     engine.eval()
     # n pairs, correct, sum chosen, sum rejected, sum loss, shorter wins, length-controlled pairs and correct
     total = torch.zeros(8, dtype=torch.float64, device=engine.device)
@@ -71,13 +72,34 @@ def evaluate(engine, dataset, collate_fn, batch_size: int, max_batches: int, mar
     if n == 0:
         print0("step 2: the eval split is empty; no evaluation metrics (raise --eval_fraction)")
         return {}
-    out = {"eval/accuracy": correct / n, "eval/chosen_score": chosen_sum / n, "eval/rejected_score": rejected_sum / n,
-           "eval/margin": (chosen_sum - rejected_sum) / n, "eval/loss": loss_sum / n, "eval/pairs": int(n)}
+    out = {"accuracy": correct / n, "accuracy_se": _binary_se(correct, n), "chosen_score": chosen_sum / n,
+           "rejected_score": rejected_sum / n, "margin": (chosen_sum - rejected_sum) / n, "loss": loss_sum / n,
+           "pairs": int(n)}
     if shorter >= 0:
-        out.update({"eval/shorter_wins": shorter / n, "eval/length_controlled_pairs": int(n_close)})
+        out.update({"shorter_wins": shorter / n, "length_controlled_pairs": int(n_close)})
         if n_close:  # (no key rather than a NaN, which the run's guards would read as divergence)
-            out["eval/accuracy_length_controlled"] = correct_close / n_close
-    return out
+            out["accuracy_length_controlled"] = correct_close / n_close
+            out["accuracy_length_controlled_se"] = _binary_se(correct_close, n_close)
+    return {f"{prefix}/{k}": v for k, v in out.items()}
+
+
+def _binary_se(hits: float, n: float) -> float:
+    """Standard error of a share of hits among n 0/1 outcomes (utils.stats.mean_se's: sample std / sqrt(n));
+    0 for a single outcome rather than a NaN."""
+    p = hits / n
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0
+
+
+def evaluate_unseen(engine, parts: list, collate_fn, cfg) -> dict:
+    """`evaluate` (keys heldout/*) over every pair of `parts` ([(name, Dataset)], data.unseen_pairs) as one set:
+    a figure on several times the eval split's pairs, so a standard error several times smaller."""
+    from datasets import concatenate_datasets
+
+    nonempty = [d for _, d in parts if len(d)]
+    if not nonempty:
+        return {}
+    return evaluate(engine, concatenate_datasets(nonempty), collate_fn, cfg.train.per_device_eval_batch_size,
+                    math.inf, cfg.margin, cfg.center_coef, prefix="heldout")
 
 
 def train(engine, data, collate_fn, cfg, logger, total_steps: int) -> dict:

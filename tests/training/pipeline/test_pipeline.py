@@ -67,9 +67,14 @@ def test_three_steps_run_in_order_and_write_the_report(finished):
     metrics = result["steps"]
     assert set(metrics[1]["metrics"]) == {"eval/perplexity"}
     assert {"eval/accuracy", "eval/shorter_wins"} <= set(metrics[2]["metrics"])
+    # The recipe's --heldout_shares 2: step 2 also scored step 3's share, shown with its standard error.
+    assert {"heldout/accuracy", "heldout/accuracy_se", "heldout/shorter_wins"} <= set(metrics[2]["metrics"])
+    assert metrics[2]["metrics"]["heldout/pairs"][1] >= 60  # of 150 pairs: share 2's ~60 and step 2's eval split
     assert {"eval/score_mean", "eval/kl", "eval/eos_fraction"} <= set(metrics[3]["metrics"])
     report = (out / "report.md").read_text()
     assert "## Summary" in report and "held-out pairwise accuracy" in report
+    accuracy = metrics[2]["metrics"]["heldout/accuracy"][1], metrics[2]["metrics"]["heldout/accuracy_se"][1]
+    assert f"pairwise accuracy on those | - | {accuracy[0]:.3f} +- {accuracy[1]:.3f}" in report
     for n in (1, 2, 3):
         png = out / "report" / f"step{n}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(report/step{n}.png)" in report

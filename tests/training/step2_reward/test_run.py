@@ -325,3 +325,32 @@ def test_heldout_scores_the_pairs_step_2_held_out_as_step_2_did(planted_run, tmp
     same = heldout.main(["--model_name_or_path", str(out), "--shares", "--dtype", "fp32",
                          "--baseline_file", str(rows_file)])
     assert same["accuracy_diff"] == 0 and same["accuracy_diff_se"] == 0
+
+
+def test_heldout_shares_score_every_unseen_pair_as_the_heldout_command_does(tiny_model_dir, planted, tmp_path):
+    """--heldout_shares 2: after training, step 2 scores its eval split and all of share 2 as one set (heldout/*,
+    with standard errors), the same figures `step2_reward.heldout` gives on the saved model."""
+    from chatrlhf.training.pipeline.report import key_metrics
+    from chatrlhf.training.step2_reward import heldout
+
+    model = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match="--heldout_shares.*step 2's own share"):
+        rm_main.run(from_flat(RewardConfig, _flags(model, tmp_path / "no", planted, tmp_path / "c",
+                                                   heldout_shares=[1])))
+    assert not (tmp_path / "no").exists()  # refused before anything was written
+    out = tmp_path / "rm"
+    metrics = rm_main.run(from_flat(RewardConfig, _flags(model, out, planted, tmp_path / "c", data_split="0,1,1",
+                                                         max_steps=3, heldout_shares=[2])))
+    assert metrics["eval/pairs"] == 40 and metrics["heldout/pairs"] == 40 + 200
+    command = heldout.main(["--model_name_or_path", str(out), "--shares", "2", "--dtype", "fp32",
+                            "--batch_size", "40"])
+    assert command["pairs"] == metrics["heldout/pairs"]
+    for key in ("accuracy", "accuracy_se", "shorter_wins", "accuracy_length_controlled",
+                "accuracy_length_controlled_se"):
+        assert metrics[f"heldout/{key}"] == pytest.approx(command[key], abs=1e-9), key
+    assert metrics["heldout/length_controlled_pairs"] == command["length_controlled_pairs"]
+    # Logged once, at the last step; the pipeline's summary reads it with its standard error.
+    assert [m["step"] for m in read_metrics(out) if "heldout/accuracy" in m] == [3]
+    shown = key_metrics("step2_reward", out)
+    assert shown["heldout/accuracy"] == [None, metrics["heldout/accuracy"]]
+    assert shown["heldout/accuracy_se"] == [None, metrics["heldout/accuracy_se"]]
