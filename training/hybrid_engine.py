@@ -81,14 +81,23 @@ class Fp32Kernels(TorchFunctionMode):
     the output is rounded to bf16), only the summation order differs; weights, activations and gradients stay
     bf16 tensors. On a CPU without bf16 instructions oneDNN emulates bf16 GEMMs: this ran a SmolLM2-135M
     forward+backward ~3x faster. Only worth it for many rows (training, scoring, the prefill): decoding steps of a
-    few rows are memory-bound and stay on the bf16 kernels (see `fp32_kernels_for_large_inputs`)."""
+    few rows are memory-bound and stay on the bf16 kernels (see `fp32_kernels_for_large_inputs`).
+    `linear=False` upcasts attention only, for CPUs that multiply bf16 natively: there torch's bf16 flash-attention
+    backward took ~23 ms against ~13 ms in fp32 (4 x 9 heads x 190 tokens, one thread) and the forward as long;
+    decoding steps keep bf16 attention there."""
+
+    def __init__(self, linear: bool = True):
+        super().__init__()
+        self.linear = linear
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and args[0].dtype == torch.bfloat16 and args[1].dtype == torch.bfloat16:
+        if self.linear and func is F.linear and args[0].dtype == torch.bfloat16 and args[1].dtype == torch.bfloat16:
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             return _Fp32Linear.apply(args[0], args[1], bias)
-        if func is F.scaled_dot_product_attention and args[0].dtype == torch.bfloat16:
+        # A decoding step's one query reads the whole KV cache: upcasting that costs what the attention does.
+        if (func is F.scaled_dot_product_attention and args[0].dtype == torch.bfloat16
+                and (self.linear or args[0].size(-2) > 1)):
             q, k, v = (a.float() for a in args[:3])
             mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
             if mask is not None and mask.is_floating_point():
@@ -125,13 +134,13 @@ class _Fp32Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-_FP32_DEPTH = [0]  # forwards running under Fp32Kernels right now
+_FP32_ACTIVE: list = []  # the `linear` setting of each forward running under Fp32Kernels right now
 
 
 def _checkpoint_contexts():
     """Gradient checkpointing's (forward, recompute) contexts: a block recomputed in backward runs with the kernels
     its forward ran with (else it saves other tensors, and torch.utils.checkpoint refuses the mismatch)."""
-    return nullcontext(), (Fp32Kernels() if _FP32_DEPTH[0] else nullcontext())
+    return nullcontext(), (Fp32Kernels(linear=_FP32_ACTIVE[-1]) if _FP32_ACTIVE else nullcontext())
 
 
 CHECKPOINTING_KWARGS = {"use_reentrant": False, "context_fn": _checkpoint_contexts}
@@ -139,8 +148,9 @@ CHECKPOINTING_KWARGS = {"use_reentrant": False, "context_fn": _checkpoint_contex
 FP32_KERNELS_MIN_TOKENS = 32  # below this many tokens per forward (decoding steps) bf16 kernels were as fast
 
 
-def fp32_kernels_for_large_inputs(hf_model: torch.nn.Module, min_tokens: int = FP32_KERNELS_MIN_TOKENS) -> list:
-    """Runs `Fp32Kernels` around every forward of `hf_model` (the plain Hugging Face model, so that training,
+def fp32_kernels_for_large_inputs(hf_model: torch.nn.Module, min_tokens: int = FP32_KERNELS_MIN_TOKENS,
+                                  linear: bool = True) -> list:
+    """Runs `Fp32Kernels(linear)` around every forward of `hf_model` (the plain Hugging Face model, so that training,
     scoring, peft and `generate` all pass through it) that sees at least `min_tokens` tokens. Hooks, not a
     patched forward: `always_call` leaves the mode also when the forward raises. Returns the hook handles."""
     active: list = []
@@ -149,16 +159,16 @@ def fp32_kernels_for_large_inputs(hf_model: torch.nn.Module, min_tokens: int = F
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None and kwargs.get("inputs_embeds") is not None:
             ids = kwargs["inputs_embeds"][..., 0]
-        mode = Fp32Kernels() if isinstance(ids, torch.Tensor) and ids.numel() >= min_tokens else None
+        mode = Fp32Kernels(linear) if isinstance(ids, torch.Tensor) and ids.numel() >= min_tokens else None
         if mode is not None:
             mode.__enter__()
-            _FP32_DEPTH[0] += 1
+            _FP32_ACTIVE.append(linear)
         active.append(mode)
 
     def leave(module, args, kwargs, output):
         mode = active.pop() if active else None
         if mode is not None:
-            _FP32_DEPTH[0] -= 1
+            _FP32_ACTIVE.pop()
             mode.__exit__(None, None, None)
 
     return [hf_model.register_forward_pre_hook(enter, with_kwargs=True),
@@ -335,8 +345,8 @@ def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_b
                  user_config_path: str | None = None, fast: bool | None = None) -> HybridEngine:
     """The only place a DeepSpeed engine is made. `trainable=False` gives a frozen engine (reference, reward).
 
-    `fast=False` turns off the CPU fast paths (fused AdamW, fp32 kernels for bf16 on CPUs without bf16
-    instructions, ZeRO 1-2 gradients all-reduced whole) to compare against them; results agree within bf16
+    `fast=False` turns off the CPU fast paths (fused AdamW, fp32 kernels for bf16: linear layers and attention on
+    CPUs without bf16 instructions, attention alone on the others; ZeRO 1-2 gradients all-reduced whole) to compare against them; results agree within bf16
     rounding. Default: `fast_paths_enabled()`."""
     import deepspeed
     from transformers import get_scheduler
@@ -344,9 +354,10 @@ def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_b
     dist.init_distributed()
     dtype = training_dtype(dtype)
     fast = fast_paths_enabled() if fast is None else fast
-    if fast and dtype == "bf16" and dist.accelerator().device_name() == "cpu" and not native_bf16_matmul():
+    if fast and dtype == "bf16" and dist.accelerator().device_name() == "cpu":
         hf = unwrap(model)
-        fp32_kernels_for_large_inputs(hf)
+        # Without bf16 instructions every GEMM pays on fp32 kernels; with them attention's backward still does.
+        fp32_kernels_for_large_inputs(hf, linear=not native_bf16_matmul())
         if getattr(hf, "is_gradient_checkpointing", False):
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
     ds_config = build_ds_config(zero_stage=zero_stage, dtype=dtype, micro_batch_size=micro_batch_size,

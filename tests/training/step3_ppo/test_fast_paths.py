@@ -1,5 +1,5 @@
 """The fast paths ($CHATRLHF_FAST_PATHS, on by default) compute what the plain paths do: fused CPU AdamW, fp32
-kernels for bf16 on CPUs without bf16 instructions, the head's contiguous input, the scoring forward reused as the
+kernels for bf16 on CPUs without bf16 instructions (attention alone on the others), the head's contiguous input, the scoring forward reused as the
 update's first forward, the one-pass entropy metric and the one-collective metric mean. One PPO step on a tiny
 model with them on and off gives the same losses and weight updates (fp32: to float rounding; bf16: within its
 rounding), on one rank (ZeRO 0 and 2) and two (ZeRO-2); and a whole step-3 run in fp32 logs the same metrics."""
@@ -79,7 +79,8 @@ def test_fast_paths_switch(monkeypatch):
         assert not fast_paths_enabled()
 
 
-def test_fp32_kernels_match_bf16_kernels_forward_and_backward(tiny_model_dir):
+@pytest.mark.parametrize("linear", [True, False], ids=["linear_and_attention", "attention_only"])
+def test_fp32_kernels_match_bf16_kernels_forward_and_backward(tiny_model_dir, linear):
     tok = load_tokenizer(str(tiny_model_dir("llama")))
     model = load_model(str(tiny_model_dir("llama")), tok, dtype=torch.bfloat16, dropout=0.0)
     ids = torch.randint(3, len(tok), (4, 16), generator=torch.Generator().manual_seed(0))
@@ -89,7 +90,7 @@ def test_fp32_kernels_match_bf16_kernels_forward_and_backward(tiny_model_dir):
         if mode is None:
             logits = model(input_ids=ids).logits
         else:
-            with mode():
+            with mode(linear=linear):
                 logits = model(input_ids=ids).logits
         assert logits.dtype == torch.bfloat16
         logits.float().square().mean().backward()
@@ -99,6 +100,44 @@ def test_fp32_kernels_match_bf16_kernels_forward_and_backward(tiny_model_dir):
     for name in ga:
         assert (ga[name] - gb[name]).norm() <= 5e-2 * ga[name].norm() + 1e-6, name
         assert gb[name].dtype == torch.float32 and dict(model.named_parameters())[name].dtype == torch.bfloat16
+
+
+def test_native_bf16_cpus_take_fp32_attention_for_many_tokens_and_bf16_for_decoding(tiny_model_dir, monkeypatch):
+    """Where the CPU multiplies bf16 natively, linear layers stay on bf16 kernels and only attention runs in fp32,
+    except in decoding steps (one query position: upcasting the KV cache costs what the attention does)."""
+    import torch.nn.functional as F
+
+    from chatrlhf.training import hybrid_engine
+
+    monkeypatch.setattr(hybrid_engine, "native_bf16_matmul", lambda: True)
+    linear_calls, attention = [], []
+    apply = hybrid_engine._Fp32Linear.apply
+    monkeypatch.setattr(hybrid_engine._Fp32Linear, "apply", lambda *a: linear_calls.append(1) or apply(*a))
+
+    class Spy(torch.overrides.TorchFunctionMode):  # entered first, so it sees what Fp32Kernels passes on
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                attention.append((args[0].dtype, args[0].size(-2)))
+            return func(*args, **(kwargs or {}))
+    tok = load_tokenizer(str(tiny_model_dir("llama")))
+    model = load_model(str(tiny_model_dir("llama")), tok, dtype=torch.bfloat16, dropout=0.0)
+    engine = hybrid_engine.build_engine(model, zero_stage=0, dtype="bf16", micro_batch_size=2, learning_rate=1e-2,
+                                        total_steps=1, fast=True)
+    ids = torch.randint(3, len(tok), (2, 32), generator=torch.Generator().manual_seed(0))
+    with Spy():
+        loss = engine(input_ids=ids, labels=ids).loss
+    assert not linear_calls and set(attention) == {(torch.float32, 32)}
+    engine.backward(loss)
+    engine.step()
+    attention.clear()
+    with torch.no_grad(), Spy():  # a prefill of 2 x 32 tokens, then one decoding step of 40 rows (>= 32 tokens)
+        out = engine.module(input_ids=ids, use_cache=True)
+        rows = torch.randint(3, len(tok), (40, 1))
+        cache = engine.module(input_ids=rows.repeat(1, 32), use_cache=True).past_key_values
+        engine.module(input_ids=rows, past_key_values=cache, use_cache=True)
+    assert out.logits.dtype == torch.bfloat16
+    assert {a[0] for a in attention if a[1] > 1} == {torch.float32}
+    assert {a[0] for a in attention if a[1] == 1} == {torch.bfloat16}
 
 
 def test_zero3_linear_layers_take_the_fp32_kernels(tiny_model_dir, monkeypatch):
