@@ -76,13 +76,16 @@ def global_moments(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[f
 
 def learned_scores(r: Rollout, p, moments: RunningMoments | None) -> torch.Tensor:
     """(B,) the scores learned from: normalised by the running moments of every rank's scores so far (when
-    --normalize_scores), clipped to +-score_clip, then --missing_eos_penalty, exactly, on answers without EOS."""
+    --normalize_scores), clipped to +-score_clip, plus --length_bonus per answer token, then --missing_eos_penalty,
+    exactly, on answers without EOS."""
     scores = r.scores.float()
     if moments is not None:
         moments.merge(*global_moments(scores))
         scores = normalize_scores(scores, moments.mean, moments.std)
     if p.score_clip is not None:
         scores = scores.clamp(-p.score_clip, p.score_clip)
+    if p.length_bonus:
+        scores = scores + p.length_bonus * r.action_mask.sum(1).to(scores.dtype)
     if p.missing_eos_penalty is not None and r.has_eos is not None:
         scores = torch.where(r.has_eos, scores, torch.full_like(scores, p.missing_eos_penalty))
     return scores

@@ -259,6 +259,22 @@ def test_the_missing_eos_penalty_is_the_score_learned_from_after_normalisation_a
     assert r.rewards[0].sum().item() == -10.0 and r.rewards[1].sum().item() == pytest.approx(10 / moments.std)
 
 
+
+def test_the_length_bonus_is_added_per_answer_token_after_the_clip_and_before_the_missing_eos_penalty():
+    r = rollout(3, 2, 4, 0, [4, 2, 4])
+    r.scores, r.has_eos = torch.tensor([10.0, 1.0, -1.0]), torch.tensor([True, True, False])
+    cfg = from_flat(PPOConfig, {"kl_coef": 0.0, "score_clip": 5.0, "length_bonus": 0.25,
+                                "missing_eos_penalty": -10.0})
+    experience.shape_and_estimate(r, cfg, kl_coef=0.0, moments=None)
+    # 5 (clipped) + 4 x 0.25; 1 + 2 x 0.25; the EOS-less answer learns exactly the penalty
+    assert r.rewards.sum(1).tolist() == [6.0, 1.5, -10.0]
+    assert r.scores.tolist() == [10.0, 1.0, -1.0]  # the reward's own scores (what evaluations report) unchanged
+    r = rollout(2, 2, 4, 0, [4, 1])
+    r.scores = torch.tensor([1.0, 1.0])
+    experience.shape_and_estimate(r, from_flat(PPOConfig, {"kl_coef": 0.0, "length_bonus": -0.5}), kl_coef=0.0,
+                                  moments=None)
+    assert r.rewards.sum(1).tolist() == [-1.0, 0.5]  # negative: a length penalty
+
 def sampled(models, cfg, n: int = 8):
     """A scored rollout of the fixture's actor (ZeRO 0), advantages filled in."""
     tok = models["tok"]
