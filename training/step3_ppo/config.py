@@ -62,8 +62,8 @@ class PPOArgs:
     length_bonus: float = 0.0
     """Added to each answer's learned score per answer token (after normalisation and --score_clip, before
     --missing_eos_penalty; negative: a length penalty). A reward model whose score falls with length pays the
-    policy for brevity; a bonus of about that slope (score per token over the SFT model's answers, the
-    evaluation's `score_per_token`) cancels it on average. Evaluations report the reward's score without it."""
+    policy for brevity; a bonus of about that slope (the score regressed on length over the SFT model's answers,
+    or the report's "one token more is worth") cancels it on average. Evaluations report the reward's own score."""
     missing_eos_penalty: Optional[float] = None
     """If set, answers that hit --max_answer_seq_len without EOS get this score instead of theirs (after
     normalisation and --score_clip: the score learned from is exactly this)."""
