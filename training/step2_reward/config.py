@@ -24,6 +24,11 @@ class RewardConfig:
     center_coef: float = 0.0
     """Weight of the centring penalty coef * mean((chosen + rejected)^2), which keeps scores near 0
     (TRL's center_rewards_coefficient; 0.01 is a usual value)."""
+    length_debias: bool = False
+    """Train against the data's length bias: fit P(chosen wins) = sigmoid(s * (rejected - chosen answer length))
+    on the training pairs (length alone, one parameter) and add s * (chosen - rejected length) to each pair's
+    margin, so the model learns what length does not explain (product-of-experts debiasing with a length-only
+    expert). Scores and evaluations are the model's alone."""
     heldout_shares: list[int] = field(default_factory=list)
     """After training, also score every pair of these --data_split shares (from 0; step 3's is 2, whose prompts
     alone it learns from) together with the eval split, as one set: heldout/* metrics on several times the eval

@@ -31,6 +31,42 @@ def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, ma
     return pairwise_losses(chosen_scores, rejected_scores, margin, center_coef).mean()
 
 
+def fit_length_slope(length_diff: torch.Tensor, iters: int = 50) -> float:
+    """length_diff (N,): rejected minus chosen answer length, one per training pair -> s, the maximum-likelihood
+    slope of P(chosen wins) = sigmoid(s * length_diff), no intercept (a pair's order is arbitrary).
+
+    s > 0: the data prefers the shorter answer. This is length alone as a one-parameter preference model (the
+    bias-only expert of product-of-experts debiasing); `length_margins` turns it into per-pair margins. Newton's
+    method in float64 (the log-likelihood is concave in s); 0 for no pairs or all-equal lengths. Separable data
+    (length alone orders every pair) has no finite optimum: refused.
+    """
+    x = length_diff.double().flatten()
+    x = x[x != 0]
+    if x.numel() == 0:
+        return 0.0
+    s = torch.zeros((), dtype=torch.float64)
+    for _ in range(iters):
+        p = torch.sigmoid(s * x)
+        grad, hess = ((1 - p) * x).sum(), (p * (1 - p) * x * x).sum()
+        step = grad / hess
+        s = s + step
+        if step.abs() < 1e-12 * max(1.0, float(s.abs())):
+            break
+    if not torch.isfinite(s) or bool((x > 0).all() or (x < 0).all()):
+        raise ValueError(f"length alone orders all {x.numel()} pairs of unequal length: the length slope has no "
+                         "finite fit (--length_debias needs pairs where the longer answer wins and where it loses)")
+    return float(s)
+
+
+def length_margins(slope: float, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor) -> torch.Tensor:
+    """(B,), (B,) answer lengths -> (B,) margins for `pairwise_losses`: slope * (chosen - rejected).
+
+    With them the loss is -logsigmoid((c - r) + slope * (rejected - chosen length)): the reward model's
+    difference is added to what length alone predicts, so the model is trained on what length does not explain.
+    """
+    return slope * (chosen_lengths.float() - rejected_lengths.float())
+
+
 def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
     """(B,), (B,) -> scalar fp32: the share of pairs whose chosen score is strictly higher (a tie counts as wrong)."""
     return (chosen_scores.float() > rejected_scores.float()).float().mean()

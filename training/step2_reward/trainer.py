@@ -7,7 +7,8 @@ import math
 import torch
 
 from chatrlhf.training.loop import eval_loader, fit_supervised
-from chatrlhf.training.step2_reward.loss import pairwise_accuracy, pairwise_loss, pairwise_losses
+from chatrlhf.training.step2_reward.loss import (fit_length_slope, length_margins, pairwise_accuracy, pairwise_loss,
+                                                 pairwise_losses)
 from chatrlhf.training.value_model import end_scores, token_values
 from chatrlhf.utils import distributed as dist
 from chatrlhf.utils.logging import print0
@@ -23,10 +24,15 @@ def pair_scores(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return scores[:half], scores[half:]
 
 
-def reward_loss(engine, batch: dict, margin: float = 0.0, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+def reward_loss(engine, batch: dict, margin: float = 0.0, center_coef: float = 0.0,
+                length_slope: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Mean pairwise loss over this rank's pairs. Every rank holds the same number of pairs, so DeepSpeed's
-    gradient average over ranks is the global mean: two ranks of B pairs train exactly like one of 2B."""
+    gradient average over ranks is the global mean: two ranks of B pairs train exactly like one of 2B.
+    `length_slope` (--length_debias's fit): each pair's margin also holds length_margins of its answer lengths."""
     chosen, rejected = pair_scores(engine, batch)
+    if length_slope:
+        lc, lr = batch["answer_lengths"].to(chosen.device).chunk(2)
+        margin = margin + length_margins(length_slope, lc, lr)
     loss = pairwise_loss(chosen, rejected, margin, center_coef)
     with torch.no_grad():
         metrics = {"train/accuracy": pairwise_accuracy(chosen, rejected),
@@ -102,12 +108,26 @@ def evaluate_unseen(engine, parts: list, collate_fn, cfg) -> dict:
                     math.inf, cfg.margin, cfg.center_coef, prefix="heldout")
 
 
+def training_length_slope(dataset) -> float:
+    """--length_debias's slope, `fit_length_slope` over every training pair (the same on every rank: each loads
+    the whole split). Needs the prompt_length column (REWARD_DATA's tokenisation)."""
+    if "prompt_length" not in dataset.column_names:
+        raise ValueError("--length_debias needs the pairs' prompt_length column (step 2's tokenisation)")
+    diff = [len(r) - len(c) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
+    return fit_length_slope(torch.tensor(diff, dtype=torch.float64))
+
+
 def train(engine, data, collate_fn, cfg, logger, total_steps: int) -> dict:
     """Trains `engine` for `total_steps` optimizer steps; returns the final evaluation metrics."""
     margin, center, run = cfg.margin, cfg.center_coef, cfg.train
+    slope = 0.0
+    if cfg.length_debias:
+        slope = training_length_slope(data.train)
+        print0(f"step 2: --length_debias: length alone fits P(chosen) = sigmoid({slope:.5f} x (rejected - chosen "
+               f"answer tokens)) on the {len(data.train)} training pairs; that is each pair's margin")
     return fit_supervised(
         engine, data.train, collate_fn, run, total_steps=total_steps,
-        loss_fn=lambda e, b: reward_loss(e, b, margin, center),
+        loss_fn=lambda e, b: reward_loss(e, b, margin, center, slope),
         evaluate=lambda: evaluate(engine, data.eval, collate_fn, run.per_device_eval_batch_size, run.eval_iters,
                                   margin, center),
         logger=logger, desc="step 2 reward model", config=cfg,

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from chatrlhf.training.step2_reward.loss import pairwise_accuracy, pairwise_loss, pairwise_losses
+from chatrlhf.training.step2_reward.loss import (fit_length_slope, length_margins, pairwise_accuracy, pairwise_loss,
+                                                 pairwise_losses)
 
 
 def nll(x: float) -> float:
@@ -68,3 +69,32 @@ def test_shapes_are_checked():
         pairwise_loss(torch.zeros(3), torch.zeros(2))
     with pytest.raises(ValueError, match="score tensors"):
         pairwise_loss(torch.zeros(3, 1), torch.zeros(3, 1))
+
+
+def test_length_slope_is_the_logistic_fit_of_length_alone():
+    # The shorter answer (rejected longer by 1 token) wins 3 pairs of 4: sigmoid(s) = 3/4, s = log 3.
+    assert fit_length_slope(torch.tensor([1.0, 1.0, 1.0, -1.0])) == pytest.approx(math.log(3), rel=1e-9)
+    # Twice the length differences, half the slope; pairs of equal length carry no information.
+    assert fit_length_slope(torch.tensor([2.0, 2.0, 2.0, -2.0, 0.0])) == pytest.approx(math.log(3) / 2, rel=1e-9)
+    # The longer answer wins 3 of 4: the slope is negative.
+    assert fit_length_slope(torch.tensor([-1.0, -1.0, -1.0, 1.0])) == pytest.approx(-math.log(3), rel=1e-9)
+    # Uneven differences: the fit is where the log-likelihood's derivative sum((1 - sigmoid(s x)) x) is zero.
+    x = torch.tensor([3.0, 7.0, -2.0, 1.0, -5.0, 4.0], dtype=torch.float64)
+    s = fit_length_slope(x)
+    assert ((1 - torch.sigmoid(s * x)) * x).sum().item() == pytest.approx(0.0, abs=1e-9)
+    assert fit_length_slope(torch.tensor([])) == 0.0 and fit_length_slope(torch.zeros(3)) == 0.0
+
+
+def test_length_slope_refuses_pairs_that_length_alone_orders():
+    with pytest.raises(ValueError, match="length alone orders all 3 pairs"):
+        fit_length_slope(torch.tensor([1.0, 4.0, 0.0, 2.0]))
+
+
+def test_length_margins_put_length_alone_next_to_the_reward_difference():
+    c, r = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])
+    lc, lr = torch.tensor([10, 30]), torch.tensor([20, 10])
+    s = 0.05
+    # -logsigmoid((c - r) + s * (rejected - chosen length)): +0.5 for the shorter chosen, -1.0 for the longer
+    expected = [nll(0.5 + 0.5), nll(-0.5 - 1.0)]
+    assert length_margins(s, lc, lr).tolist() == pytest.approx([-0.5, 1.0])
+    assert pairwise_losses(c, r, margin=length_margins(s, lc, lr)).tolist() == pytest.approx(expected, rel=1e-6)

@@ -20,6 +20,7 @@ from chatrlhf.training.step2_reward.config import RewardConfig
 from chatrlhf.training.value_model import end_scores, token_values
 from chatrlhf.utils.config import from_flat, load_config, parse_config
 from chatrlhf.utils.logging import read_metrics
+from chatrlhf.utils.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[3]
 MARKER = "fig"
@@ -176,6 +177,41 @@ def test_margin_and_centring_reach_the_loss(tiny_model_dir, planted, tmp_path, m
     rm_main.run(from_flat(RewardConfig, _flags(tiny_model_dir("llama"), tmp_path / "m", planted, tmp_path / "c",
                                                max_steps=1, margin=0.5, center_coef=0.01)))
     assert seen == {"margin": 0.5, "center_coef": 0.01}
+
+
+def test_length_debias_fits_length_on_the_training_pairs_and_puts_it_in_each_margin(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    rng = random.Random(0)
+    path = tmp_path / "pairs.jsonl"
+    with path.open("w") as f:  # the shorter answer is chosen in about 3 pairs of 4
+        for i in range(80):
+            short, long = " ".join(rng.choice(WORDS) for _ in range(2)), " ".join(rng.choice(WORDS) for _ in range(6))
+            chosen, rejected = (short, long) if i % 4 else (long, short)
+            f.write(json.dumps({"prompt": "why?", "chosen": chosen, "rejected": rejected}) + "\n")
+    seen = []
+    real = trainer.pairwise_loss
+
+    def spy(chosen, rejected, margin, center_coef):
+        seen.append(margin)
+        return real(chosen, rejected, margin, center_coef)
+
+    monkeypatch.setattr(trainer, "pairwise_loss", spy)
+    cfg = from_flat(RewardConfig, _flags(tiny_model_dir("llama"), tmp_path / "m", path, tmp_path / "c", max_steps=2,
+                                         margin=0.25, length_debias=True, per_device_train_batch_size=8))
+    rm_main.run(cfg)
+    tok = load_tokenizer(str(tiny_model_dir("llama")))
+    train = load_phase_data(cfg.data, REWARD_DATA, tok, seed=cfg.train.seed, max_seq_len=cfg.train.max_seq_len).train
+    slope = trainer.training_length_slope(train)
+    diff = [len(r) - len(c) for c, r in zip(train["chosen_input_ids"], train["rejected_input_ids"])]
+    wins = sum(d > 0 for d in diff) / sum(d != 0 for d in diff)
+    assert 0.6 < wins < 0.9 and slope > 0  # shorter wins: a positive slope
+    assert len(seen) == 2 and all(torch.is_tensor(m) and m.shape == (8,) for m in seen)
+    # each pair's margin: --margin plus slope x (chosen - rejected length); the chosen-shorter pairs' is lower
+    first = PairCollator(tok)([train[i] for i in range(len(train))])  # lengths as the collator counts them
+    lc, lr = first["answer_lengths"].double().chunk(2)
+    possible = {round(float(v), 5) for v in 0.25 + slope * (lc - lr)}
+    assert all(round(float(v), 5) in possible for m in seen for v in m)
+    assert {round(float(v), 5) for m in seen for v in m} != {0.25}
 
 
 def test_lora_only_trains_adapters_and_head_and_saves_a_loadable_model(tiny_model_dir, planted, tmp_path):
