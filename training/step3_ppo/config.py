@@ -64,6 +64,9 @@ class PPOArgs:
     --missing_eos_penalty; negative: a length penalty). A reward model whose score falls with length pays the
     policy for brevity; a bonus of about that slope (the score regressed on length over the SFT model's answers,
     or the report's "one token more is worth") cancels it on average. Evaluations report the reward's own score."""
+    length_bonus_ended_only: bool = False
+    """Pay --length_bonus only to answers that ended with EOS: an answer cut at --max_answer_seq_len keeps the
+    reward's score alone (the bonus would otherwise pay most for running into the cap)."""
     missing_eos_penalty: Optional[float] = None
     """If set, answers that hit --max_answer_seq_len without EOS get this score instead of theirs (after
     normalisation and --score_clip: the score learned from is exactly this)."""

@@ -76,8 +76,9 @@ def global_moments(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[f
 
 def learned_scores(r: Rollout, p, moments: RunningMoments | None) -> torch.Tensor:
     """(B,) the scores learned from: normalised by the running moments of every rank's scores so far (when
-    --normalize_scores), clipped to +-score_clip, plus --length_bonus per answer token, then --missing_eos_penalty,
-    exactly, on answers without EOS."""
+    --normalize_scores), clipped to +-score_clip, plus --length_bonus per answer token (with
+    --length_bonus_ended_only, to the answers that ended only), then --missing_eos_penalty, exactly, on answers
+    without EOS."""
     scores = r.scores.float()
     if moments is not None:
         moments.merge(*global_moments(scores))
@@ -85,7 +86,12 @@ def learned_scores(r: Rollout, p, moments: RunningMoments | None) -> torch.Tenso
     if p.score_clip is not None:
         scores = scores.clamp(-p.score_clip, p.score_clip)
     if p.length_bonus:
-        scores = scores + p.length_bonus * r.action_mask.sum(1).to(scores.dtype)
+        bonus = p.length_bonus * r.action_mask.sum(1).to(scores.dtype)
+        if p.length_bonus_ended_only:
+            if r.has_eos is None:
+                raise ValueError("--length_bonus_ended_only: these rollouts do not record which answers ended")
+            bonus = torch.where(r.has_eos, bonus, torch.zeros_like(bonus))
+        scores = scores + bonus
     if p.missing_eos_penalty is not None and r.has_eos is not None:
         scores = torch.where(r.has_eos, scores, torch.full_like(scores, p.missing_eos_penalty))
     return scores

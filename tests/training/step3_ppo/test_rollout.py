@@ -275,6 +275,17 @@ def test_the_length_bonus_is_added_per_answer_token_after_the_clip_and_before_th
                                   moments=None)
     assert r.rewards.sum(1).tolist() == [-1.0, 0.5]  # negative: a length penalty
 
+
+def test_the_length_bonus_ended_only_skips_the_answers_cut_at_the_cap():
+    r = rollout(3, 2, 4, 0, [4, 2, 4])
+    r.scores, r.has_eos = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([True, True, False])
+    cfg = from_flat(PPOConfig, {"kl_coef": 0.0, "length_bonus": 0.25, "length_bonus_ended_only": True})
+    experience.shape_and_estimate(r, cfg, kl_coef=0.0, moments=None)
+    assert r.rewards.sum(1).tolist() == [2.0, 1.5, 1.0]  # the cut answer keeps its score alone
+    r.has_eos = None
+    with pytest.raises(ValueError, match="--length_bonus_ended_only"):
+        experience.shape_and_estimate(r, cfg, kl_coef=0.0, moments=None)
+
 def sampled(models, cfg, n: int = 8):
     """A scored rollout of the fixture's actor (ZeRO 0), advantages filled in."""
     tok = models["tok"]
