@@ -35,7 +35,19 @@ def generate(module, input_ids, attention_mask, *, max_new_tokens: int, pad_toke
                               **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}))
     with _own_settings(module, GenerationConfig), _categorical_sampling(input_ids.device):
         return module.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                               synced_gpus=synced_gpus, streamer=streamer)
+                               synced_gpus=synced_gpus, streamer=streamer, **_last_logit_only(module, input_ids))
+
+
+def _last_logit_only(module, input_ids) -> dict:
+    """generate's own `logits_to_keep=1` as an index tensor, for models that take it. The int makes transformers
+    slice the prefill's hidden states into a strided (B, 1, H) view, and PyTorch's CPU matmul then copies the head
+    weight once per row: 5.5 s and 5.3 GB for 100 rows of SmolLM2 against 9 ms (153 against 2.4 ms for 4),
+    identical logits. Decoding steps (one position) are contiguous either way."""
+    model = module.get_base_model() if hasattr(module, "get_base_model") else module
+    supports = getattr(model, "_supports_logits_to_keep", None)
+    if supports is None or not supports():
+        return {}
+    return {"logits_to_keep": torch.tensor([-1], device=input_ids.device)}
 
 
 @contextmanager
