@@ -44,6 +44,9 @@ def fit_length_slope(length_diff: torch.Tensor, iters: int = 50) -> float:
     x = x[x != 0]
     if x.numel() == 0:
         return 0.0
+    if bool((x > 0).all() or (x < 0).all()):
+        raise ValueError(f"length alone orders all {x.numel()} pairs of unequal length: the length slope has no "
+                         "finite fit (--length_debias needs pairs where the longer answer wins and where it loses)")
     s = torch.zeros((), dtype=torch.float64)
     for _ in range(iters):
         p = torch.sigmoid(s * x)
@@ -52,9 +55,8 @@ def fit_length_slope(length_diff: torch.Tensor, iters: int = 50) -> float:
         s = s + step
         if step.abs() < 1e-12 * max(1.0, float(s.abs())):
             break
-    if not torch.isfinite(s) or bool((x > 0).all() or (x < 0).all()):
-        raise ValueError(f"length alone orders all {x.numel()} pairs of unequal length: the length slope has no "
-                         "finite fit (--length_debias needs pairs where the longer answer wins and where it loses)")
+    if not torch.isfinite(s):
+        raise ValueError(f"the length slope over {x.numel()} pairs did not converge (--length_debias)")
     return float(s)
 
 
