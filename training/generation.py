@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 import torch
 
+from chatrlhf.training.prepacked_linear import prepacked_linears
+
 
 def generate(module, input_ids, attention_mask, *, max_new_tokens: int, pad_token_id: int, eos_token_id: int | None,
              do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -33,7 +35,7 @@ def generate(module, input_ids, attention_mask, *, max_new_tokens: int, pad_toke
                               eos_token_id=eos_token_id, use_cache=True, num_beams=num_beams,
                               num_return_sequences=num_return_sequences,
                               **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}))
-    with _own_settings(module, GenerationConfig), _categorical_sampling(input_ids.device):
+    with _own_settings(module, GenerationConfig), _categorical_sampling(input_ids.device), prepacked_linears(module):
         return module.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                synced_gpus=synced_gpus, streamer=streamer, **_last_logit_only(module, input_ids))
 

@@ -11,7 +11,6 @@ Runs on CUDA and on DeepSpeed's CPU accelerator alike; `deepspeed` is imported l
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
@@ -23,22 +22,13 @@ from chatrlhf.training import zero3
 from chatrlhf.training.checkpoint import install_safe_loading
 from chatrlhf.training.ds_config import build_ds_config, read_user_config
 from chatrlhf.training.generation import generate
-from chatrlhf.training.precision import training_dtype
+from chatrlhf.training.precision import (  # noqa: F401 - FAST_PATHS_ENV is part of this module's API
+    FAST_PATHS_ENV, fast_paths_enabled, native_bf16_matmul, training_dtype)
 from chatrlhf.training.saving import write_hf
 from chatrlhf.training.value_model import unwrap
 from chatrlhf.utils import distributed as dist
 
 logger = logging.getLogger(__name__)
-
-FAST_PATHS_ENV = "CHATRLHF_FAST_PATHS"
-
-
-def fast_paths_enabled() -> bool:
-    """False when $CHATRLHF_FAST_PATHS is 0/false/off: every speed-only path (fused CPU AdamW, fp32 kernels for bf16
-    on CPUs without bf16 instructions, ZeRO 1-2 gradients all-reduced whole on CPU, step 3's contiguous head input
-    and reused scoring forward) falls back to the plain computation, to check that they agree
-    (tests/training/step3_ppo/test_fast_paths.py)."""
-    return os.environ.get(FAST_PATHS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def param_groups(model: torch.nn.Module, lr: float, lora_lr: float, weight_decay: float) -> list[dict]:
@@ -65,13 +55,6 @@ def _optimizer(groups, *, offload: bool, betas, eps, fast: bool = True):
     # CPU: torch's fused kernel makes one pass per tensor; the default per-parameter loop of small ops was ~5x
     # slower on a ZeRO-2 shard of a 135M model (0.43 s vs 0.08 s a step). fast=False keeps that loop.
     return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=True if fast else None)
-
-
-def native_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it oneDNN emulates bf16 GEMMs."""
-    cpu = torch.cpu
-    checks = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
-    return any(check() for check in checks if check is not None)
 
 
 class Fp32Kernels(TorchFunctionMode):

@@ -474,6 +474,11 @@ def available_memory(on_cpu: bool) -> tuple[float | None, float]:
     return float(dist.accelerator().total_memory()), host
 
 
+def host_memory_available() -> float | None:
+    """Host RAM available now (/proc/meminfo's MemAvailable), None where it cannot be read."""
+    return _meminfo("MemAvailable")
+
+
 def _meminfo(key: str) -> float | None:
     try:
         with open("/proc/meminfo") as f:
