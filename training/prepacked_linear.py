@@ -3,8 +3,8 @@
 `F.linear` on bf16 CPU tensors hands the weight to oneDNN, which reorders it into its blocked layout on every
 call: a decoding step of a few rows is bound by memory bandwidth, so that reorder doubles what it reads. Packed
 once per `generate` call, SmolLM2-135M's 211 linear layers took 12.4 ms instead of 22.4 ms for 4 rows on one
-thread of the AVX512-BF16 EPYC (packing them: 0.1 s). The
-packed kernel is the same oneDNN GEMM: the outputs are bit for bit those of `F.linear` (tested for 1 to 480 rows).
+thread of the AVX512-BF16 EPYC (packing them: 0.1 s). The packed kernel is the same oneDNN GEMM: the outputs are
+bit for bit those of `F.linear` (tested for 1 to 480 rows).
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import logging
 from contextlib import contextmanager
 
 import torch
+
+from chatrlhf.training import memory_plan, precision
 
 logger = logging.getLogger(__name__)
 
@@ -24,18 +26,17 @@ _PACKED = "_chatrlhf_packed"  # set on a module while its linears run packed (a 
 
 
 def _available() -> bool:
-    from chatrlhf.training.precision import fast_paths_enabled, native_bf16_matmul
-
     mkldnn = getattr(torch.ops, "mkldnn", None)
-    return (fast_paths_enabled() and torch.backends.mkldnn.is_available() and native_bf16_matmul()
+    return (precision.fast_paths_enabled() and torch.backends.mkldnn.is_available() and precision.native_bf16_matmul()
             and hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise"))
 
 
 def _packable(layer: torch.nn.Module) -> bool:
     """A plain bf16 CPU linear layer whose weight is there (ZeRO-3 keeps empty placeholders between gathers)."""
     w = getattr(layer, "weight", None)
-    return (type(layer) is torch.nn.Linear and "forward" not in vars(layer) and isinstance(w, torch.Tensor) and w.device.type == "cpu"
-            and w.dtype == torch.bfloat16 and tuple(w.shape) == (layer.out_features, layer.in_features)
+    return (type(layer) is torch.nn.Linear and "forward" not in vars(layer) and isinstance(w, torch.Tensor)
+            and w.device.type == "cpu" and w.dtype == torch.bfloat16
+            and tuple(w.shape) == (layer.out_features, layer.in_features)
             and (layer.bias is None or layer.bias.dtype == torch.bfloat16))
 
 
@@ -46,13 +47,14 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 def _packed_forward(layer: torch.nn.Linear, packed: torch.Tensor):
     plain = layer.forward  # the class's forward, bound: what runs outside the fast case
+    bias = None if layer.bias is None else layer.bias.detach()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         # Only where nothing needs a graph: the packed op has no backward.
-        if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() == 0
+        if (x.dtype != torch.bfloat16 or x.numel() == 0
                 or (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))):
             return plain(x)
-        return packed_linear(x, packed, None if layer.bias is None else layer.bias.detach())
+        return packed_linear(x, packed, bias)
 
     return forward
 
@@ -74,9 +76,7 @@ def prepacked_linears(module: torch.nn.Module):
         return
     layers = [m for m in module.modules() if _packable(m)]
     need = sum(m.weight.numel() * m.weight.element_size() for m in layers)
-    from chatrlhf.training.memory_plan import host_memory_available
-
-    free = host_memory_available()
+    free = memory_plan.host_memory_available()
     if not layers or (free is not None and need > MAX_SHARE_OF_FREE_RAM * free):
         if layers:
             logger.info("generating without prepacked weights: %.2f GB of copies, %.2f GB of RAM free",
