@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chatrlhf.training import shm_collectives
 from chatrlhf.training.config import EngineArgs, ModelArgs, OptimArgs, RunArgs
 from chatrlhf.training.ds_config import build_ds_config
 from chatrlhf.training.hybrid_engine import HybridEngine, build_engine
-from chatrlhf.training.precision import DTYPES, training_dtype
+from chatrlhf.training.precision import DTYPES, fast_paths_enabled, training_dtype
 from chatrlhf.utils import distributed as dist
 from chatrlhf.utils.logging import MetricsLogger, setup_logging
 from chatrlhf.utils.models import add_lora, load_model
@@ -17,6 +18,7 @@ def _zero3_load_config(zero_stage: int, dtype: str) -> dict | None:
     if zero_stage != 3:
         return None
     dist.init_distributed()
+    shm_collectives.install()  # zero.Init's collectives too
     return build_ds_config(zero_stage=3, dtype=dtype, micro_batch_size=1, gradient_accumulation_steps=1,
                            world_size=dist.get_world_size())
 
@@ -77,7 +79,22 @@ def build_trained_model(model_args: ModelArgs, optim: OptimArgs, engine_args: En
         lora_learning_rate=optim.lora_learning_rate, weight_decay=optim.weight_decay,
         betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
         lr_scheduler_type=optim.lr_scheduler_type, num_warmup_steps=optim.num_warmup_steps,
-        total_steps=total_steps, user_config_path=engine_args.deepspeed_config)
+        total_steps=total_steps, user_config_path=engine_args.deepspeed_config,
+        gather_whole=gather_whole(engine_args.zero3_gather_whole, model_args, dtype, engine_args.offload))
+
+
+def gather_whole(choice: str, model_args: ModelArgs, dtype: str, offload: bool) -> bool:
+    """--zero3_gather_whole for one trained model: "true"/"false" as asked; "auto": under ZeRO-3 when a whole copy
+    fits as a frozen replica would (FROZEN_SHARE), without offload and with the fast paths on. The same on every
+    rank (decided on rank 0)."""
+    if model_args.zero_stage != 3:
+        return False
+    if choice != "auto":
+        return choice == "true"
+    if offload or not fast_paths_enabled():
+        return False
+    fits = frozen_fits(model_args.model_name_or_path, dtype) if dist.is_main_process() else None
+    return dist.broadcast_object(fits)
 
 
 def build_frozen_model(name_or_path: str, tokenizer, *, head: str, zero_stage: int, dtype: str,

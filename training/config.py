@@ -122,6 +122,11 @@ class EngineArgs:
     """Compute losses from fp32 logits under bf16/fp16 training (always on for the reward loss)."""
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON config of your own; it is merged over the generated one (your keys win)."""
+    zero3_gather_whole: Literal["auto", "true", "false"] = "auto"
+    """ZeRO-3, trained models: a training forward gathers all the parameters at once and keeps them whole through
+    its backward, instead of DeepSpeed gathering them layer by layer in the forward and again in the backward.
+    Gradients and optimizer state stay partitioned. auto: when the whole model takes at most a quarter of one
+    accelerator's memory (of the host RAM per rank on a CPU), not with --offload or $CHATRLHF_FAST_PATHS=0."""
 
 
 @dataclass

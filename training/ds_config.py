@@ -19,8 +19,8 @@ def build_ds_config(*, zero_stage: int, dtype: str, micro_batch_size: int, gradi
     dtype: fp32, bf16 or fp16 (already resolved from "auto"). offload: optimizer state to CPU, plus parameters
     under ZeRO-3. inference_only: a frozen model (reference, reward): no optimizer offload, just sharding.
     user_config: a user's own DeepSpeed JSON, merged over ours (their keys win, nested dicts merged).
-    reduce_scatter: ZeRO 1-2's gradient reduction by partition (DeepSpeed's default); False all-reduces each bucket
-    whole, which is faster over gloo on a CPU.
+    reduce_scatter: ZeRO's gradient reduction by partition (DeepSpeed's default); False all-reduces each bucket
+    whole, which is faster on a CPU (over gloo, and through the shared-memory kernel of shm_collectives.py).
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
@@ -42,6 +42,10 @@ def build_ds_config(*, zero_stage: int, dtype: str, micro_batch_size: int, gradi
             # linear under ZeRO-3's hooks gathers each weight for forward and backward all the same.
             "memory_efficient_linear": False,
         })
+        if not reduce_scatter:
+            # As for ZeRO 1-2 below: ZeRO-3 then all-reduces each contiguous gradient bucket whole and keeps its
+            # partition, one collective where the partitioned path made one reduce-scatter per bucket of slices.
+            zero["reduce_scatter"] = False
     if offload and not inference_only:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if offload and zero_stage == 3:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from chatrlhf.training import zero3
+from chatrlhf.training import shm_collectives, zero3
 from chatrlhf.training.checkpoint import install_safe_loading
 from chatrlhf.training.ds_config import build_ds_config, read_user_config
 from chatrlhf.training.generation import generate
@@ -161,7 +161,8 @@ def fp32_kernels_for_large_inputs(hf_model: torch.nn.Module, min_tokens: int = F
 class HybridEngine:
     """Wraps a `deepspeed.DeepSpeedEngine`; build it with `build_engine`."""
 
-    def __init__(self, engine, *, zero_stage: int, trainable: bool, lora_scaling: float | None = None):
+    def __init__(self, engine, *, zero_stage: int, trainable: bool, lora_scaling: float | None = None,
+                 gather_whole: bool = False):
         self.engine = engine
         self.zero_stage = zero_stage
         self.trainable = trainable
@@ -170,6 +171,11 @@ class HybridEngine:
         # Forwards kept with their graph for the next training forward on the same rows (step 3's scoring forward
         # reused by the update, see step3_ppo/rollout.py); stale after an optimizer step or a new rollout.
         self.stash: dict = {}
+        # ZeRO-3 (--zero3_gather_whole): a training forward gathers every parameter at once and they stay whole,
+        # DeepSpeed's per-module fetch hooks off, through its backward until the next step(): one all-gather per
+        # micro-step instead of one per layer in the forward and again in the backward.
+        self.gather_whole = gather_whole and zero_stage == 3 and trainable
+        self._whole = None  # the ExitStack holding the gathered parameters
 
     # ---- training mode -------------------------------------------------------------------------------
     @property
@@ -182,7 +188,21 @@ class HybridEngine:
         return self.engine.device
 
     def __call__(self, *args, **kwargs):
+        if self.gather_whole and self._whole is None and torch.is_grad_enabled() and self.mode != "generate":
+            self._gather_whole()
         return self.engine(*args, **kwargs)
+
+    def _gather_whole(self) -> None:
+        stack = ExitStack()
+        stack.enter_context(zero3.gathered_without_hooks(self.engine))
+        self._whole = stack
+
+    def release(self) -> None:
+        """Partitions parameters a training forward gathered whole (--zero3_gather_whole) and puts DeepSpeed's fetch
+        hooks back; a no-op when none are. Before anything that reads or writes the partitions."""
+        whole, self._whole = self._whole, None
+        if whole is not None:
+            whole.close()
 
     def backward(self, loss: torch.Tensor) -> None:
         self._check_trainable("backward")
@@ -192,6 +212,9 @@ class HybridEngine:
         """Optimizer + scheduler step at an accumulation boundary (DeepSpeed counts micro-steps)."""
         self._check_trainable("step")
         self.stash.clear()
+        # The gradients are partitioned by now (ZeRO-3 reduces them as backward produces them); the optimizer
+        # updates the partitions, which the next forward gathers again.
+        self.release()
         self.engine.step()
 
     def is_boundary(self) -> bool:
@@ -217,6 +240,7 @@ class HybridEngine:
     # ---- saving --------------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (ZeRO-3 shards gathered), None elsewhere."""
+        self.release()
         if self.zero_stage == 3:
             sd = zero3.consolidated_state_dict(self.engine)
             return sd if dist.is_main_process() else None
@@ -233,9 +257,11 @@ class HybridEngine:
 
     # ---- resumable checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str | Path, tag: str) -> None:
+        self.release()
         self.engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
 
     def load_checkpoint(self, load_dir: str | Path, tag: str) -> None:
+        self.release()
         path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=self.trainable,
                                               load_lr_scheduler_states=self.trainable)
         if path is None:
@@ -263,6 +289,7 @@ class HybridEngine:
         if layers_per_gather < 0:
             raise ValueError(f"layers_per_gather must be >= 0 (0: the whole model at once), not {layers_per_gather}")
         self.stash.clear()
+        self.release()
         module = self.module
         was_training, saved_mode = module.training, self.mode
         checkpointing = getattr(module, "is_gradient_checkpointing", False)
@@ -325,16 +352,18 @@ def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_b
                  learning_rate: float = 0.0, lora_learning_rate: float = 0.0, weight_decay: float = 0.0,
                  betas=(0.9, 0.95), eps: float = 1e-8, lr_scheduler_type: str = "constant",
                  num_warmup_steps: int = 0, total_steps: int = 1, trainable: bool = True,
-                 user_config_path: str | None = None, fast: bool | None = None) -> HybridEngine:
+                 user_config_path: str | None = None, fast: bool | None = None,
+                 gather_whole: bool = False) -> HybridEngine:
     """The only place a DeepSpeed engine is made. `trainable=False` gives a frozen engine (reference, reward).
 
     `fast=False` turns off the CPU fast paths (fused AdamW, fp32 kernels for bf16: linear layers and attention on
     CPUs without bf16 instructions, attention alone on the others; ZeRO 1-2 gradients all-reduced whole) to compare against them; results agree within bf16
-    rounding. Default: `fast_paths_enabled()`."""
+    rounding. Default: `fast_paths_enabled()`. `gather_whole`: see HybridEngine.gather_whole (ZeRO-3, trainable)."""
     import deepspeed
     from transformers import get_scheduler
 
     dist.init_distributed()
+    shm_collectives.install()  # one CPU host: DeepSpeed's collectives over shared memory, not gloo
     dtype = training_dtype(dtype)
     fast = fast_paths_enabled() if fast is None else fast
     if fast and dtype == "bf16" and dist.accelerator().device_name() == "cpu":
@@ -366,4 +395,5 @@ def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_b
         model.eval()
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     install_safe_loading(engine)  # checkpoint files load weights-only: nothing in them can run code
-    return HybridEngine(engine, zero_stage=zero_stage, trainable=trainable, lora_scaling=lora_scaling)
+    return HybridEngine(engine, zero_stage=zero_stage, trainable=trainable, lora_scaling=lora_scaling,
+                        gather_whole=gather_whole)

@@ -120,6 +120,7 @@ class Trained:
     only_optimize_lora: bool = False
     gradient_checkpointing: bool = False
     offload: bool = False
+    gather_whole: bool = False  # --zero3_gather_whole in effect: whole for each training forward and backward
 
 
 @dataclass
@@ -175,7 +176,7 @@ def model_states(name: str, m: Trained, dtype: str, world: int, on_cpu: bool = T
     params = n * p / (world if stage == 3 else 1)
     # ZeRO-3 gathers a layer at a time (up to ZERO3_LIVE weights); on the CPU the gathered copies, freed, stay
     # resident, so every weight ends up whole on every rank there (measured).
-    gathered = (n * (1 - 1 / world) if on_cpu else min(n, ZERO3_LIVE)) * p if stage == 3 else 0.0
+    gathered = (n * (1 - 1 / world) if on_cpu or m.gather_whole else min(n, ZERO3_LIVE)) * p if stage == 3 else 0.0
     on_host = m.offload and stage == 3
     rows.append(Row(f"{name} parameters", 0.0 if on_host else params + gathered,
                     params if on_host else 0.0, _note_params(n, stage, world) + (", offloaded" if on_host else "")))
@@ -508,9 +509,24 @@ def peak_rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
-def trained_from(model_args, engine_args, head: str, shape: Shape, stage: int | None = None) -> Trained:
-    return Trained(shape, head, model_args.zero_stage if stage is None else stage, model_args.lora_dim,
-                   engine_args.only_optimize_lora, model_args.gradient_checkpointing, engine_args.offload)
+def trained_from(model_args, engine_args, head: str, shape: Shape, stage: int | None = None,
+                 budget: float | None = None) -> Trained:
+    stage = model_args.zero_stage if stage is None else stage
+    whole = gathers_whole(getattr(engine_args, "zero3_gather_whole", "false"), shape, head, DTYPE_BYTES.get(
+        getattr(engine_args, "dtype", "bf16"), 2), stage, engine_args.offload, budget)
+    return Trained(shape, head, stage, model_args.lora_dim, engine_args.only_optimize_lora,
+                   model_args.gradient_checkpointing, engine_args.offload, whole)
+
+
+def gathers_whole(choice: str, shape: Shape, head: str, bytes_per_param: float, stage: int, offload: bool,
+                  budget: float | None) -> bool:
+    """--zero3_gather_whole as builders.gather_whole decides it, judged against `budget` (None: unknown, counted
+    as gathered whole, the larger figure)."""
+    if stage != 3 or choice == "false":
+        return False
+    if choice == "true":
+        return True
+    return not offload and (budget is None or shape.num_params(head) * bytes_per_param <= FROZEN_SHARE * budget)
 
 
 def _flags(prefix: str = "", batch_flag: str = "per_device_train_batch_size"):
@@ -592,15 +608,19 @@ def plan_ppo(cfg, *, world: int, dtype: str, on_cpu: bool, title: str = "", shap
 
     def build(s: dict) -> Plan:
         lora_only = cfg.engine.only_optimize_lora or (s["lora_dim"] > 0 and not cfg.actor.lora_dim)
+        whole = lambda shape, head, stage: gathers_whole(  # noqa: E731
+            getattr(cfg.engine, "zero3_gather_whole", "false"), shape, head, DTYPE_BYTES[dtype], stage, s["offload"],
+            budget) and not (head == "causal_lm" and getattr(hybrid, "unpin_actor_parameters", False))
         a = Trained(actor, "causal_lm", s["zero_stage"], s["lora_dim"], lora_only, s["gradient_checkpointing"],
-                    s["offload"])
+                    s["offload"], whole(actor, "causal_lm", s["zero_stage"]))
         c = None
         if critic is not None:
             # A suggested stage applies to both models (the suggestion's flags set both; offload needs ZeRO >= 1).
             critic_stage = (cfg.critic.zero_stage if s["zero_stage"] == cfg.actor.zero_stage
                             else max(cfg.critic.zero_stage, s["zero_stage"]))
             c = Trained(critic, "score", critic_stage, cfg.critic.lora_dim, cfg.engine.only_optimize_lora,
-                        s["gradient_checkpointing"] or cfg.critic.gradient_checkpointing, s["offload"])
+                        s["gradient_checkpointing"] or cfg.critic.gradient_checkpointing, s["offload"],
+                        whole(critic, "score", critic_stage))
         return ppo_plan(a, c, dtype=dtype, world=world, gen_batch=cfg.per_device_generation_batch_size * samples,
                         train_batch=s["batch"], prompt_len=cfg.max_prompt_seq_len, answer_len=cfg.max_answer_seq_len,
                         on_cpu=on_cpu, reference=reference, reward=reward,

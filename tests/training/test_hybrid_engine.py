@@ -52,7 +52,7 @@ def tok(model_dir):
 
 
 def make(model_dir, zero_stage: int, zero3_config: str, *, lora: bool = False, gradient_checkpointing: bool = False,
-         trainable: bool = True):
+         trainable: bool = True, gather_whole: bool = False):
     """(engine, plain copy of the same weights) for one model."""
     tok = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), tok, gradient_checkpointing=gradient_checkpointing)
@@ -66,7 +66,8 @@ def make(model_dir, zero_stage: int, zero3_config: str, *, lora: bool = False, g
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     plain = copy.deepcopy(model).eval()
     engine = build_engine(model, zero_stage=zero_stage, dtype="fp32", micro_batch_size=2, learning_rate=1e-2,
-                          trainable=trainable, user_config_path=zero3_config if zero_stage == 3 else None)
+                          trainable=trainable, user_config_path=zero3_config if zero_stage == 3 else None,
+                          gather_whole=gather_whole)
     return engine, plain
 
 
@@ -170,6 +171,42 @@ def test_layer_groups_bound_what_is_gathered(model_dir, zero3_config, tok):
     with pytest.raises(ValueError, match="layers_per_gather"):
         with engine.generation(layers_per_gather=-1):
             pass
+
+
+def test_zero3_gather_whole_holds_a_training_forward_through_its_backward(model_dir, zero3_config, tok):
+    """--zero3_gather_whole: a training forward gathers the model whole with DeepSpeed's fetch hooks off, its
+    backward gathers nothing, the optimizer step partitions it again; generation releases it first. The engine
+    trains exactly as the layer-by-layer one does."""
+    engine, _ = make(model_dir, 3, zero3_config, gather_whole=True)
+    module, offload = engine.module, engine.engine.optimizer.parameter_offload
+    hooks, params = len(offload.forward_hooks), list(engine.module.parameters())
+    batch = tok(["a short training text", "and another"], return_tensors="pt", padding=True)
+    engine.train()
+    with torch.no_grad():  # no graph, no backward to hold for: DeepSpeed's own fetching
+        engine(**batch)
+    assert all(p.numel() == 0 for p in params) and len(offload.forward_hooks) == hooks
+    loss = engine(**batch, labels=batch["input_ids"]).loss
+    assert all(p.shape == p.ds_shape for p in params) and offload.forward_hooks == []
+    engine.backward(loss)
+    assert all(p.shape == p.ds_shape for p in params)
+    engine.step()
+    assert all(p.numel() == 0 for p in params) and len(offload.forward_hooks) == hooks
+    engine(**batch, labels=batch["input_ids"])  # held again, then generation takes over and gives it back
+    with engine.generation() as gen:
+        gen(*tok(PROMPTS[:1], return_tensors="pt").values(), max_new_tokens=2, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, do_sample=False)
+    assert all(p.numel() == 0 for p in params) and len(offload.forward_hooks) == hooks
+    assert module.training
+    # The same training as DeepSpeed's layer-by-layer gathers, loss for loss and weight for weight.
+    runs = {}
+    for whole in (True, False):
+        e, _ = make(model_dir, 3, zero3_config, gather_whole=whole)
+        runs[whole] = ([train_step(e, tok) for _ in range(3)], full_weights(e))
+    (losses, weights), (plain_losses, plain_weights) = runs[True], runs[False]
+    assert losses[-1] < losses[0]
+    torch.testing.assert_close(torch.stack(losses), torch.stack(plain_losses), rtol=1e-6, atol=0)
+    for k in plain_weights:
+        torch.testing.assert_close(weights[k], plain_weights[k], rtol=1e-6, atol=1e-7)
 
 
 def test_mode_restored_after_an_exception_and_training_works(model_dir, zero3_config, tok):

@@ -79,6 +79,8 @@ def run(cfg: PPOConfig, reward_fn=None) -> dict:
     memory_plan.check_ppo(cfg, reward_is_function=not use_reward_model)
     actor = build_trained_model(cfg.actor, cfg.actor_optim, cfg.engine, tokenizer, head="causal_lm",
                                 micro_batch_size=train_bs, total_steps=optimizer_steps)
+    if cfg.hybrid.unpin_actor_parameters and cfg.engine.zero3_gather_whole == "auto":
+        actor.gather_whole = False  # asked to bound the actor's gathered memory while generating: training too
     generator = _vllm_generator(cfg, actor) if cfg.hybrid.generation_backend == "vllm" else None
     critic = build_trained_model(cfg.critic, cfg.critic_optim, cfg.engine, tokenizer, head="score",
                                  micro_batch_size=train_bs, total_steps=optimizer_steps) if needs_critic else None

@@ -50,9 +50,11 @@ def _copy(state):
 
 
 def one_step(actor_dir: str, critic_dir: str, *, dtype: str, zero_stage: int, fast: bool, seed: int = 0,
-             lora: bool = False, checkpointing: bool = False) -> dict:
+             lora: bool = False, checkpointing: bool = False, gather_whole: bool | None = None) -> dict:
     """`lora`: adapters (rank 4) on actor and critic, base frozen, the reference the adapters-off actor.
-    `checkpointing`: gradient checkpointing on actor and critic (recomputed blocks use the forward's kernels)."""
+    `checkpointing`: gradient checkpointing on actor and critic (recomputed blocks use the forward's kernels).
+    `gather_whole` (ZeRO-3, default `fast`): the trained models' training forwards gather them whole."""
+    gather_whole = fast if gather_whole is None else gather_whole
     os.environ[FAST_PATHS_ENV] = "1" if fast else "0"
     torch.manual_seed(seed)  # LoRA's A matrices and fresh heads are drawn alike in both runs
     tok = load_tokenizer(actor_dir, padding_side="left")
@@ -66,7 +68,7 @@ def one_step(actor_dir: str, critic_dir: str, *, dtype: str, zero_stage: int, fa
             model = add_lora(model, dim=4, alpha=8, dropout=0.0, module_name=None, only_optimize_lora=True, head=head)
         return build_engine(model, zero_stage=zero_stage if trainable else 0, dtype=dtype, micro_batch_size=B,
                             learning_rate=1e-3, lora_learning_rate=1e-3, lr_scheduler_type="constant",
-                            trainable=trainable)
+                            trainable=trainable, gather_whole=gather_whole)
 
     actor, critic = engine(actor_dir, "causal_lm", True), engine(critic_dir, "score", True)
     ref = None if lora else engine(actor_dir, "causal_lm", False)
@@ -83,6 +85,7 @@ def one_step(actor_dir: str, critic_dir: str, *, dtype: str, zero_stage: int, fa
     try:
         out = score(actor, ref, critic, data["sequences"], data["prompt_mask"], data["action_mask"],
                     temperature=1.0, chunk=B, ref_is_actor_without_adapters=lora)
+        held = [e._whole is not None for e in (actor, critic)]  # gathered whole by the scoring forwards?
         r = Rollout(sequences=data["sequences"], action_mask=data["action_mask"], prompt_len=P,
                     scores=data["scores"], **out)
         r.advantages, r.returns = data["advantages"], data["returns"]
@@ -91,7 +94,9 @@ def one_step(actor_dir: str, critic_dir: str, *, dtype: str, zero_stage: int, fa
     finally:
         rollout._response_logits = plain
     after = {name: e.full_state_dict() for name, e in (("actor", actor), ("critic", critic))}
+    held_after = [e._whole is not None for e in (actor, critic)]  # released by their optimizer steps?
     result = {"metrics": {k: float(v) for k, v in metrics.items()}, "actor_forwards": sum(forwards),
+              "gathered_whole": held, "gathered_whole_after": held_after,
               "logprobs": out["logprobs"].tolist(), "values": out["values"].tolist()}
     if dist.is_main_process():  # full_state_dict is rank 0's
         result["updates"] = {name: {k: (after[name][k].float() - before[name][k].float())
@@ -130,6 +135,14 @@ def main() -> None:
     for dtype in ("fp32", "bf16"):
         runs = {fast: one_step(args.actor, args.critic, dtype=dtype, zero_stage=2, fast=fast) for fast in (True, False)}
         results[dtype] = compare(runs[True], runs[False])
+    # ZeRO-3: every fast path against none, and the whole-model gather alone against DeepSpeed's per-layer one.
+    runs = {fast: one_step(args.actor, args.critic, dtype="fp32", zero_stage=3, fast=fast) for fast in (True, False)}
+    results["zero3_fp32"] = compare(runs[True], runs[False])
+    whole = {on: one_step(args.actor, args.critic, dtype="fp32", zero_stage=3, fast=True, gather_whole=on)
+             for on in (True, False)}
+    results["zero3_gather_whole"] = compare(whole[True], whole[False])
+    results["zero3_gather_whole"]["gathered_whole"] = {str(on): (r["gathered_whole"], r["gathered_whole_after"])
+                                                       for on, r in whole.items()}
     if dist.is_main_process():
         with open(args.out, "w") as f:
             json.dump(results, f)

@@ -1,8 +1,9 @@
 """The fast paths ($CHATRLHF_FAST_PATHS, on by default) compute what the plain paths do: fused CPU AdamW, fp32
 kernels for bf16 on CPUs without bf16 instructions (attention alone on the others), the head's contiguous input, the scoring forward reused as the
-update's first forward, the one-pass entropy metric and the one-collective metric mean. One PPO step on a tiny
-model with them on and off gives the same losses and weight updates (fp32: to float rounding; bf16: within its
-rounding), on one rank (ZeRO 0 and 2) and two (ZeRO-2); and a whole step-3 run in fp32 logs the same metrics."""
+update's first forward, the one-pass entropy metric, the one-collective metric mean, ZeRO-3 models gathered whole
+per training forward and, on two ranks, the shared-memory collectives. One PPO step on a tiny model with them on
+and off gives the same losses and weight updates (fp32: to float rounding; bf16: within its rounding), on one rank
+(ZeRO 0, 2 and 3) and two (ZeRO-2 and 3); and a whole step-3 run in fp32 logs the same metrics."""
 from __future__ import annotations
 
 import importlib.util
@@ -63,12 +64,24 @@ def test_one_ppo_step_is_the_same_with_the_fast_paths_off(dirs, dtype, zero_stag
 
 
 @pytest.mark.distributed
-def test_two_ranks_zero2_one_ppo_step_is_the_same_with_the_fast_paths_off(dirs, tmp_path, deepspeed_launch):
+def test_two_ranks_zero2_and_zero3_one_ppo_step_is_the_same_with_the_fast_paths_off(dirs, tmp_path, deepspeed_launch):
     out = tmp_path / "fast_paths.json"
     deepspeed_launch(str(STEP_SCRIPT), ["--actor", dirs[0], "--critic", dirs[1], "--out", out], timeout=600)
     results = json.loads(out.read_text())
     for dtype in ("fp32", "bf16"):
         check(results[dtype], dtype)
+    check(results["zero3_fp32"], "fp32")
+    # ZeRO-3 with each training forward gathering the model whole (--zero3_gather_whole) computes what DeepSpeed's
+    # layer-by-layer gathers do: the same weights meet the same kernels, to the bit; the gradients are reduced in
+    # other groupings, so the updates agree to fp32 rounding (7e-7 measured).
+    whole = results["zero3_gather_whole"]
+    assert whole["logprobs"] == 0 and whole["values"] == 0, whole
+    assert all(v == 0 for v in whole["metrics"].values()), whole
+    for name, update in whole["updates"].items():
+        assert update["norm"] > 0 and update["relative_difference"] < 1e-5, (name, whole)
+    # On: the scoring forwards (whose graph the update reuses) gathered actor and critic whole, their optimizer
+    # steps partitioned them again. Off: never gathered whole.
+    assert whole["gathered_whole"] == {"True": [[True, True], [False, False]], "False": [[False, False], [False, False]]}
 
 
 def test_fast_paths_switch(monkeypatch):
