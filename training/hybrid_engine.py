@@ -189,13 +189,9 @@ class HybridEngine:
 
     def __call__(self, *args, **kwargs):
         if self.gather_whole and self._whole is None and torch.is_grad_enabled() and self.mode != "generate":
-            self._gather_whole()
+            self._whole = ExitStack()
+            self._whole.enter_context(zero3.gathered_without_hooks(self.engine))
         return self.engine(*args, **kwargs)
-
-    def _gather_whole(self) -> None:
-        stack = ExitStack()
-        stack.enter_context(zero3.gathered_without_hooks(self.engine))
-        self._whole = stack
 
     def release(self) -> None:
         """Partitions parameters a training forward gathered whole (--zero3_gather_whole) and puts DeepSpeed's fetch

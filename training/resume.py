@@ -24,8 +24,9 @@ ALLOWED = frozenset({
     "print_answers", "print_answers_interval", "hang_timeout", "memory_check", "data_output_path", "deepspeed",
     "local_rank", "gradient_checkpointing", "offload", "keep_lora_adapter", "enable_hybrid_engine",
     "unpin_actor_parameters", "release_inference_cache", "tp_gather_partition_size", "offload_reference_model",
-    "offload_reward_model", "reference_zero_stage", "reward_zero_stage", "report_to", "preprocessing_num_workers",
-    "vllm_gpu_memory_utilization", "vllm_kv_cache_gb", "eval_greedy", "deepscale", "inference_tp_size",
+    "offload_reward_model", "reference_zero_stage", "reward_zero_stage", "zero3_gather_whole", "report_to",
+    "preprocessing_num_workers", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb", "eval_greedy", "deepscale",
+    "inference_tp_size",
     # DeepSpeed-Chat flags chatrlhf accepts and ignores
     "num_padding_at_beginning", "add_eot_token", "eot_token", "align_overflow",
 })

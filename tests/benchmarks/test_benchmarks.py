@@ -94,3 +94,20 @@ def test_sampling_benchmark_times_both_samplers_and_puts_the_fast_one_back(tiny_
     assert len(seen) == 2 + 2 * 3  # the warm-up and the inverse-CDF arm only, one draw per token
     assert generation._categorical_sampling.__name__ == "_categorical_sampling"  # put back
     assert torch.multinomial.__module__ == "torch"
+
+
+@pytest.mark.distributed
+def test_collectives_benchmark_times_gloo_and_shared_memory(tmp_path):
+    """benchmarks/collectives.py launches its own two ranks and prints both timings and their ratio per collective
+    (skipped where DeepSpeed's shared-memory op cannot be used)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "collectives.py"), "--values", "1e5", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if "not available here" in proc.stdout + proc.stderr:
+        pytest.skip("DeepSpeed's shared-memory op is not available on this machine")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("all_gather_into_tensor", "all_reduce"):
+        assert any(line.strip().startswith(f"{name}: gloo") and "ratio" in line for line in proc.stdout.splitlines()), \
+            proc.stdout
