@@ -72,8 +72,8 @@ def install() -> bool:
 
         return (precision.fast_paths_enabled()
                 and (group is None or td.get_world_size(group) == td.get_world_size())
-                and all(t.device.type == "cpu" and t.is_contiguous() and _LEVEL.get(t.dtype, 9) <= level
-                        for t in tensors))
+                and all(t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0
+                        and _LEVEL.get(t.dtype, 9) <= level for t in tensors))
 
     def all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
         if cdb._reduce_op(op) != torch.distributed.ReduceOp.SUM or not served(group, tensor):
