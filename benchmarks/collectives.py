@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -73,8 +74,9 @@ def rank_main(args) -> None:
         for name in ops:
             g, s = times[(name, "gloo")], times[(name, "shm")]
             ratios = ", ".join(f"{a / b:.2f}x" for a, b in zip(g, s))
-            print(f"{name:>24}: gloo {sorted(g)[len(g) // 2]:.3f} s, shared memory {sorted(s)[len(s) // 2]:.3f} s "
-                  f"(medians); ratio {sorted(g)[len(g) // 2] / sorted(s)[len(s) // 2]:.2f}x (rounds: {ratios})")
+            gm, sm = statistics.median(g), statistics.median(s)
+            print(f"{name:>24}: gloo {gm:.3f} s, shared memory {sm:.3f} s (medians); ratio {gm / sm:.2f}x "
+                  f"(rounds: {ratios})")
     dist.barrier()
 
 

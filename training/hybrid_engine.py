@@ -193,6 +193,11 @@ class HybridEngine:
             self._whole.enter_context(zero3.gathered_without_hooks(self.engine))
         return self.engine(*args, **kwargs)
 
+    @property
+    def gathered_whole(self) -> bool:
+        """Whether a training forward's whole-model gather is held now (until release() or step())."""
+        return self._whole is not None
+
     def release(self) -> None:
         """Partitions parameters a training forward gathered whole (--zero3_gather_whole) and puts DeepSpeed's fetch
         hooks back; a no-op when none are. Before anything that reads or writes the partitions."""
@@ -353,8 +358,8 @@ def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_b
     """The only place a DeepSpeed engine is made. `trainable=False` gives a frozen engine (reference, reward).
 
     `fast=False` turns off the CPU fast paths (fused AdamW, fp32 kernels for bf16: linear layers and attention on
-    CPUs without bf16 instructions, attention alone on the others; ZeRO 1-2 gradients all-reduced whole) to compare against them; results agree within bf16
-    rounding. Default: `fast_paths_enabled()`. `gather_whole`: see HybridEngine.gather_whole (ZeRO-3, trainable)."""
+    CPUs without bf16 instructions, attention alone on the others; ZeRO 1-3 gradients all-reduced whole) to compare
+    against them; results agree within bf16 rounding. Default: `fast_paths_enabled()`. `gather_whole`: see HybridEngine.gather_whole (ZeRO-3, trainable)."""
     import deepspeed
     from transformers import get_scheduler
 

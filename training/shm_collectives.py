@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as td
 
 from chatrlhf.training import precision
 
@@ -45,8 +46,6 @@ def _backend():
 def available() -> bool:
     """Whether the shared-memory kernel can serve this process's world: DeepSpeed's CPU accelerator with its op
     built, more than one rank, all of them on this host (the kernel's own test: LOCAL_SIZE == world size)."""
-    import torch.distributed as td
-
     cdb = _backend()
     if cdb is None or getattr(cdb, "shm_comm_op", None) is None or not td.is_initialized():
         return False
@@ -68,22 +67,18 @@ def install() -> bool:
     plain_all_reduce, plain_all_gather = cdb.all_reduce, cdb.all_gather_into_tensor
 
     def served(group, *tensors) -> bool:
-        import torch.distributed as td
-
         return (precision.fast_paths_enabled()
                 and (group is None or td.get_world_size(group) == td.get_world_size())
                 and all(t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0
                         and _LEVEL.get(t.dtype, 9) <= level for t in tensors))
 
-    def all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
-        if cdb._reduce_op(op) != torch.distributed.ReduceOp.SUM or not served(group, tensor):
+    def all_reduce(tensor, op=td.ReduceOp.SUM, group=None, async_op=False):
+        if cdb._reduce_op(op) != td.ReduceOp.SUM or not served(group, tensor):
             return plain_all_reduce(tensor, op, group, async_op)
         torch.ops.deepspeed.inference_all_reduce_(tensor)
         return _Done() if async_op else None
 
     def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
-        import torch.distributed as td
-
         n, world = input_tensor.numel(), td.get_world_size()
         if (output_tensor.dtype != input_tensor.dtype or output_tensor.numel() != n * world
                 or not served(group, output_tensor, input_tensor)):

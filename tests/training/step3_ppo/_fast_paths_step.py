@@ -85,7 +85,7 @@ def one_step(actor_dir: str, critic_dir: str, *, dtype: str, zero_stage: int, fa
     try:
         out = score(actor, ref, critic, data["sequences"], data["prompt_mask"], data["action_mask"],
                     temperature=1.0, chunk=B, ref_is_actor_without_adapters=lora)
-        held = [e._whole is not None for e in (actor, critic)]  # gathered whole by the scoring forwards?
+        held = [e.gathered_whole for e in (actor, critic)]  # gathered whole by the scoring forwards?
         r = Rollout(sequences=data["sequences"], action_mask=data["action_mask"], prompt_len=P,
                     scores=data["scores"], **out)
         r.advantages, r.returns = data["advantages"], data["returns"]
@@ -94,7 +94,7 @@ def one_step(actor_dir: str, critic_dir: str, *, dtype: str, zero_stage: int, fa
     finally:
         rollout._response_logits = plain
     after = {name: e.full_state_dict() for name, e in (("actor", actor), ("critic", critic))}
-    held_after = [e._whole is not None for e in (actor, critic)]  # released by their optimizer steps?
+    held_after = [e.gathered_whole for e in (actor, critic)]  # released by their optimizer steps?
     result = {"metrics": {k: float(v) for k, v in metrics.items()}, "actor_forwards": sum(forwards),
               "gathered_whole": held, "gathered_whole_after": held_after,
               "logprobs": out["logprobs"].tolist(), "values": out["values"].tolist()}
