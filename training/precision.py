@@ -24,7 +24,8 @@ def fast_paths_enabled() -> bool:
     """False when $CHATRLHF_FAST_PATHS is 0/false/off: every speed-only path (fused CPU AdamW, fp32 kernels for bf16
     on CPUs without bf16 instructions, ZeRO gradients all-reduced whole on CPU, DeepSpeed's collectives over shared
     memory on one CPU host, ZeRO-3 models gathered whole per training forward (--zero3_gather_whole auto), step 3's
-    contiguous head input and reused scoring forward, generation's prepacked bf16 weights) falls back to the plain
+    contiguous head input and reused scoring forward, generation's prepacked bf16 weights, padding-free forwards on
+    CPU) falls back to the plain
     computation, to check that they agree (tests/training/step3_ppo/test_fast_paths.py)."""
     return os.environ.get(FAST_PATHS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 

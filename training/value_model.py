@@ -18,6 +18,8 @@ import inspect
 
 import torch
 
+from chatrlhf.training import packing
+
 HEAD_NAME = "score"  # AutoModelForSequenceClassification's head in every family we support
 
 
@@ -54,13 +56,27 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     sequence gets the same values as the same sequence right-padded.
     """
     head = score_head(model)
+    # Padding-free where it applies (chatrlhf.training.packing): padding positions get 0, not their padded value.
+    packed = packing.maybe_pack(unwrap(model), input_ids, attention_mask)
+    if packed is not None:
+        values = _head_output(head, lambda: packing.call(model, unwrap(model), packed))
+        if values is not None:
+            return packed.unpack(values)
     kwargs = {}
     if accepts_position_ids(unwrap(model)):  # not all families do (BLOOM's ALiBi reads the mask itself)
         kwargs["position_ids"] = position_ids(attention_mask)
+    return _head_output(head, lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                            **kwargs))
+
+
+def _head_output(head, forward) -> torch.Tensor | None:
+    """The head's (B, T) output in `forward()`, read by a forward hook; None when `forward()` returns None (a
+    refused packed forward)."""
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        if forward() is None:
+            return None
     finally:
         handle.remove()
     if len(captured) != 1:

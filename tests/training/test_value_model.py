@@ -82,7 +82,8 @@ def test_end_scores_equal_hf_pooled_logits_on_right_padding(reward_model):
     with torch.no_grad():
         ours = end_scores(token_values(model, ids, mask), mask)
         theirs = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # The same positions; token_values' forward is padding-free (training/packing.py), so equal to fp32 rounding.
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_left_padding_gives_the_same_scores_as_right_padding(reward_model):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DistributedSampler
 
+from chatrlhf.training import packing
 from chatrlhf.training.loop import eval_loader, fit_supervised
 from chatrlhf.training.step2_dpo.data import WithRefLogprobs
 from chatrlhf.training.step2_dpo.loss import (LENGTH_NORMALISED, preference_losses, sequence_logprobs, token_kl,
@@ -55,11 +56,16 @@ def reference_kind(cfg) -> str:
 
 def logits(engine, batch: dict) -> torch.Tensor:
     """A DPOCollator batch through a causal LM (bare, peft-wrapped or an engine) -> logits (2B, T, V). Position ids
-    count real tokens only, so left and right padding give the same log-probabilities."""
+    count real tokens only, so left and right padding give the same log-probabilities. Padding-free where it
+    applies (`chatrlhf.training.packing`): padding positions then get zero logits (the answer mask drops them)."""
     device = engine.device
-    mask = batch["attention_mask"].to(device)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    packed = packing.maybe_pack(unwrap(engine), ids, mask)
+    out = None if packed is None else packing.call(engine, unwrap(engine), packed)
+    if out is not None:
+        return packed.unpack(out.logits)
     kwargs = {"position_ids": position_ids(mask)} if accepts_position_ids(unwrap(engine)) else {}
-    return engine(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False, **kwargs).logits
+    return engine(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits
 
 
 @contextmanager

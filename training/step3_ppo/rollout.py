@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from chatrlhf.training import packing
 from chatrlhf.training.step3_ppo import core
 from chatrlhf.training.value_model import position_ids, token_values, unwrap
 
@@ -108,9 +109,30 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
 
 def _response_logits(model, sequences, attention_mask, prompt_len: int) -> torch.Tensor:
     R = sequences.size(1) - prompt_len
+    logits = _packed_response_logits(model, sequences, attention_mask, R)
+    if logits is not None:
+        return logits
     kwargs = forward_kwargs(model, attention_mask, R)
     logits = model(input_ids=sequences, **kwargs).logits
     return logits if isinstance(kwargs.get("logits_to_keep"), torch.Tensor) else logits[:, -(R + 1):-1]
+
+
+def _packed_response_logits(model, sequences, attention_mask, R: int) -> torch.Tensor | None:
+    """(B, R, V) logits from a padding-free forward (`chatrlhf.training.packing`), zeros where the response token
+    is padding (it does not count); None where packing does not apply."""
+    hf = unwrap(model)
+    packed = packing.maybe_pack(hf, sequences, attention_mask)
+    if packed is None:
+        return None
+    counted = attention_mask[:, -R:].bool()  # (B, R)
+    predicting = torch.nn.functional.pad(counted, (attention_mask.size(1) - R - 1, 1))  # (B, T): the positions before
+    keep = packed.positions(predicting)
+    takes_keep = "logits_to_keep" in inspect.signature(hf.forward).parameters
+    out = packing.call(model, hf, packed, **({"logits_to_keep": keep} if takes_keep else {}))
+    if out is None:
+        return None
+    logits = out.logits[0] if takes_keep else out.logits[0, keep]
+    return logits.new_zeros(counted.shape + logits.shape[-1:]).index_put((counted,), logits)
 
 
 def response_values(critic, sequences, attention_mask, prompt_len: int) -> torch.Tensor:

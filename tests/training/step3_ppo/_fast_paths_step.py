@@ -97,7 +97,8 @@ def one_step(actor_dir: str, critic_dir: str, *, dtype: str, zero_stage: int, fa
     held_after = [e.gathered_whole for e in (actor, critic)]  # released by their optimizer steps?
     result = {"metrics": {k: float(v) for k, v in metrics.items()}, "actor_forwards": sum(forwards),
               "gathered_whole": held, "gathered_whole_after": held_after,
-              "logprobs": out["logprobs"].tolist(), "values": out["values"].tolist()}
+              "logprobs": out["logprobs"].tolist(), "values": out["values"].tolist(),
+              "action_mask": data["action_mask"].tolist()}
     if dist.is_main_process():  # full_state_dict is rank 0's
         result["updates"] = {name: {k: (after[name][k].float() - before[name][k].float())
                                     for k in after[name] if after[name][k].is_floating_point()}
@@ -109,10 +110,12 @@ def compare(fast: dict, slow: dict) -> dict:
     """Relative differences between the two runs: per metric, and of the weight updates (norm of the difference
     over norm of the update) per model."""
     rel = lambda a, b: abs(a - b) / max(abs(b), 1e-6)  # noqa: E731
+    # Over the tokens that count: the packed forwards leave padding's log-probs and values at 0.
+    counted = torch.tensor(slow["action_mask"]).bool()
+    diff = lambda key: (torch.tensor(fast[key]) - torch.tensor(slow[key]))[counted].abs().max().item()  # noqa: E731
     out = {"metrics": {k: rel(fast["metrics"][k], slow["metrics"][k]) for k in slow["metrics"]},
            "actor_forwards": (fast["actor_forwards"], slow["actor_forwards"]),
-           "logprobs": (torch.tensor(fast["logprobs"]) - torch.tensor(slow["logprobs"])).abs().max().item(),
-           "values": (torch.tensor(fast["values"]) - torch.tensor(slow["values"])).abs().max().item()}
+           "logprobs": diff("logprobs"), "values": diff("values")}
     if "updates" in slow:
         out["updates"] = {}
         for name, updates in slow["updates"].items():
