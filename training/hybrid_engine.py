@@ -333,17 +333,29 @@ def _lora_merged(peft_model):
     (not un-merged by subtraction, which drifts bf16 weights a little every rollout)."""
     from peft.tuners.lora import LoraLayer
 
-    originals = []
+    originals, swapped = [], []
     try:
-        for layer in peft_model.modules():
-            if isinstance(layer, LoraLayer):
-                weight = layer.get_base_layer().weight
+        for parent in list(peft_model.modules()):
+            for attr, layer in list(parent.named_children()):
+                if not isinstance(layer, LoraLayer):
+                    continue
+                base = layer.get_base_layer()
+                weight = base.weight
                 delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A)
                 originals.append((weight, weight.data))
                 weight.data = weight.data + delta.to(weight.dtype)
-        with peft_model.disable_adapter():
+                if type(base) is torch.nn.Linear and fast_paths_enabled():
+                    # The merged base layer in the wrapper's place: one module call per layer instead of two,
+                    # and generation's prepacked weights see a plain linear layer, no bypassed adapters.
+                    setattr(parent, attr, base)
+                    swapped.append((parent, attr, layer))
+        # peft refuses to disable adapters it cannot find: with every LoRA layer swapped out there are none left.
+        left = any(isinstance(m, LoraLayer) for m in peft_model.modules())
+        with peft_model.disable_adapter() if left else nullcontext():
             yield
     finally:
+        for parent, attr, layer in swapped:
+            setattr(parent, attr, layer)
         for weight, data in originals:
             weight.data = data
 

@@ -133,9 +133,12 @@ def test_inside_generation_mode(model_dir, zero3_config, tok):
         assert engine.mode == "generate" and not module.training and not module.is_gradient_checkpointing
         assert all(p.shape == p.ds_shape for p in params) and offload.forward_hooks == []
         torch.testing.assert_close(q_proj.base_layer.weight, merged)
+        attn = module.get_base_model().model.layers[0].self_attn
+        assert attn.q_proj is q_proj.base_layer  # the merged plain layer in the LoRA wrapper's place
         gen(*tok(PROMPTS[:1], return_tensors="pt").values(), max_new_tokens=2, pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id, do_sample=False)
     assert engine.mode == "train" and module.training and module.is_gradient_checkpointing
+    assert attn.q_proj is q_proj  # the wrapper is back
     assert all(p.numel() == 0 for p in params) and len(offload.forward_hooks) == hooks
 
 
