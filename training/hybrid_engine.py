@@ -25,7 +25,7 @@ from chatrlhf.training.generation import generate
 from chatrlhf.training.precision import (  # noqa: F401 - FAST_PATHS_ENV is part of this module's API
     FAST_PATHS_ENV, fast_paths_enabled, native_bf16_matmul, training_dtype)
 from chatrlhf.training.saving import write_hf
-from chatrlhf.training.value_model import unwrap
+from chatrlhf.training.value_model import checkpointing as checkpointing_on, unwrap
 from chatrlhf.utils import distributed as dist
 
 logger = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ class HybridEngine:
         self.release()
         module = self.module
         was_training, saved_mode = module.training, self.mode
-        checkpointing = getattr(module, "is_gradient_checkpointing", False)
+        checkpointing = checkpointing_on(module)
         gathered = gather and self.zero_stage == 3 and not layers_per_gather
         grouped = gather and self.zero_stage == 3 and layers_per_gather > 0
         self.mode = "generate"
@@ -383,7 +383,7 @@ def build_engine(model: torch.nn.Module, *, zero_stage: int, dtype: str, micro_b
         hf = unwrap(model)
         # Without bf16 instructions every GEMM pays on fp32 kernels; with them attention's backward still does.
         fp32_kernels_for_large_inputs(hf, linear=not native_bf16_matmul())
-        if getattr(hf, "is_gradient_checkpointing", False):
+        if checkpointing_on(hf):
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
     ds_config = build_ds_config(zero_stage=zero_stage, dtype=dtype, micro_batch_size=micro_batch_size,
                                 gradient_accumulation_steps=gradient_accumulation_steps,

@@ -130,25 +130,18 @@ def maybe_pack(hf_model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     """The packed batch when this forward should run packed (fast paths on, a CPU, a packable model that has not
     been refused, not recomputing checkpointed blocks in a backward, and padding to save), else None."""
     from chatrlhf.training.precision import fast_paths_enabled
+    from chatrlhf.training.value_model import checkpointing
 
     if (not fast_paths_enabled() or input_ids.device.type != "cpu" or getattr(hf_model, _REFUSED, False)
             or not packable(hf_model)
             # checkpointing recomputes blocks in the backward, outside the per-sequence attention
-            or (torch.is_grad_enabled() and _checkpointing(hf_model))):
+            or (torch.is_grad_enabled() and checkpointing(hf_model))):
         return None
     packed = pack(input_ids, attention_mask)
     limit = window(hf_model)
     if packed is not None and limit is not None and max(packed.lengths) > limit:
         return None  # SDPA per sequence is full causal attention: only right within the window
     return packed
-
-
-def _checkpointing(hf_model: torch.nn.Module) -> bool:
-    """Gradient checkpointing on (transformers 5 renamed `is_gradient_checkpointing`, which now warns)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(hf_model), name):
-            return bool(getattr(hf_model, name))
-    return False
 
 
 def window(hf_model: torch.nn.Module) -> int | None:

@@ -34,6 +34,16 @@ def unwrap(model) -> torch.nn.Module:
             return model
 
 
+def checkpointing(model) -> bool:
+    """Whether gradient checkpointing is on in the Hugging Face model inside `model` (transformers 5 renamed
+    `is_gradient_checkpointing` to `is_activation_checkpointing`; the old name now warns)."""
+    hf = unwrap(model)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(hf), name):
+            return bool(getattr(hf, name))
+    return False
+
+
 def score_head(model) -> torch.nn.Module:
     """The scalar head (`score`) of a sequence-classification model, through any wrapper."""
     hf = unwrap(model)

@@ -158,3 +158,24 @@ def test_zero3_engine_and_its_module_give_the_plain_scores(tiny_model_dir):
     engine.step()
     with torch.no_grad():
         assert not torch.equal(end_scores(token_values(engine, ids, mask), mask), via_engine)
+
+
+def test_checkpointing_is_read_through_wrappers_without_the_deprecated_property(tiny_model_dir):
+    import warnings
+
+    from chatrlhf.training.value_model import checkpointing
+
+    def on(model) -> bool:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # transformers 5's is_gradient_checkpointing warns
+            return checkpointing(model)
+
+    tok = load_tokenizer(str(tiny_model_dir("llama")))
+    model = load_model(str(tiny_model_dir("llama")), tok)
+    assert not on(model)
+    model.gradient_checkpointing_enable()
+    assert on(model)
+    peft = add_lora(model, dim=4, alpha=8, dropout=0.0, module_name=None, only_optimize_lora=True, head="causal_lm")
+    assert on(peft)
+    model.gradient_checkpointing_disable()
+    assert not on(peft)
