@@ -8,19 +8,18 @@ gets the value the padded forward gives it, to the kernels' rounding; padding po
 
 Applies to models whose attention goes through torch's SDPA once per layer with position ids restarting per
 sequence (Llama, Qwen, Mistral without a sliding window, GPT-2, OPT...): `packable` checks what it can, and a
-forward whose SDPA calls do not come out one per layer is refused (`PackingError`) so the caller reruns it padded.
+forward whose SDPA calls do not come out one per layer is discarded (`call` returns None) so the caller runs it
+padded.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-
-
-class PackingError(RuntimeError):
-    """The packed forward did not run one SDPA per layer over the packed row: its output cannot be trusted."""
 
 
 @dataclass
@@ -72,8 +71,6 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Packed | None
 def packable(hf_model: torch.nn.Module) -> bool:
     """Whether `hf_model` (the plain Hugging Face model) can take a packed row: SDPA attention, position ids as an
     argument (so each sequence restarts at 0), decoder-only. A sliding window is checked per batch (`window`)."""
-    import inspect
-
     config = getattr(hf_model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
@@ -97,14 +94,14 @@ class Segments(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        q, k, v = args[:3]
+        # SDPA's positional order; the mask and is_causal are replaced by causal attention per sequence.
+        given = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args), **kwargs)
+        q, k, v = given.pop("query"), given.pop("key"), given.pop("value")
         if q.dim() != 4 or q.size(0) != 1 or q.size(-2) != self.total or k.size(-2) != self.total:
             self.foreign += 1  # not over the packed row: run as asked; the caller refuses the forward after it
             return func(*args, **kwargs)
         self.calls += 1
-        # Positional: (q, k, v, attn_mask, dropout_p, is_causal, scale); the mask and is_causal are replaced.
-        extra = dict(zip(("dropout_p", "scale"), (args[4:5] + args[6:7]))) if len(args) > 4 else {}
-        extra.update({key: value for key, value in kwargs.items() if key not in ("attn_mask", "is_causal")})
+        extra = {key: value for key, value in given.items() if key not in ("attn_mask", "is_causal")}
         outputs, start = [], 0
         for n in self.lengths:
             end = start + n
@@ -156,19 +153,29 @@ def window(hf_model: torch.nn.Module) -> int | None:
 def call(model, hf_model: torch.nn.Module, packed: Packed, **kwargs):
     """model(packed row, **kwargs) with attention per sequence, or None (and `hf_model` runs padded from then on)
     if SDPA did not run once per layer of `hf_model`, the plain Hugging Face model inside `model`."""
-    import logging
-
     expected = layer_count(hf_model)
-    ones = torch.ones_like(packed.input_ids)
-    try:
-        with Segments(packed.lengths) as segments:
-            out = model(input_ids=packed.input_ids, attention_mask=ones, position_ids=packed.position_ids,
-                        use_cache=False, **kwargs)
-        if expected is None or segments.calls != expected or segments.foreign:
-            raise PackingError(f"{segments.calls} attention calls over the packed row and {segments.foreign} over "
-                               f"other shapes in a packed forward, expected {expected} and 0")
-    except PackingError as e:
-        setattr(hf_model, _REFUSED, True)
-        logging.getLogger(__name__).warning("%s: padded forwards from now on (%s)", type(hf_model).__name__, e)
+    with Segments(packed.lengths) as segments:
+        out = model(input_ids=packed.input_ids, attention_mask=torch.ones_like(packed.input_ids),
+                    position_ids=packed.position_ids, use_cache=False, **kwargs)
+    if expected is not None and segments.calls == expected and not segments.foreign:
+        return out
+    setattr(hf_model, _REFUSED, True)
+    logging.getLogger(__name__).warning(
+        "%s: padded forwards from now on (%d attention calls over the packed row and %d over other shapes in a "
+        "packed forward, expected %s and 0)", type(hf_model).__name__, segments.calls, segments.foreign, expected)
+    return None
+
+
+def logits_at(model, hf_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              where: torch.Tensor) -> torch.Tensor | None:
+    """(K, V) logits at the K real positions `where` (B, T) marks, row-major, from a padding-free forward that runs
+    the head on those positions only where the family takes `logits_to_keep`; None where packing does not apply."""
+    packed = maybe_pack(hf_model, input_ids, attention_mask)
+    if packed is None:
         return None
-    return out
+    keep = packed.positions(where)
+    takes_keep = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+    out = call(model, hf_model, packed, **({"logits_to_keep": keep} if takes_keep else {}))
+    if out is None:
+        return None
+    return out.logits[0] if takes_keep else out.logits[0, keep]

@@ -67,13 +67,14 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     """
     head = score_head(model)
     # Padding-free where it applies (chatrlhf.training.packing): padding positions get 0, not their padded value.
-    packed = packing.maybe_pack(unwrap(model), input_ids, attention_mask)
+    hf = unwrap(model)
+    packed = packing.maybe_pack(hf, input_ids, attention_mask)
     if packed is not None:
-        values = _head_output(head, lambda: packing.call(model, unwrap(model), packed))
+        values = _head_output(head, lambda: packing.call(model, hf, packed))
         if values is not None:
             return packed.unpack(values)
     kwargs = {}
-    if accepts_position_ids(unwrap(model)):  # not all families do (BLOOM's ALiBi reads the mask itself)
+    if accepts_position_ids(hf):  # not all families do (BLOOM's ALiBi reads the mask itself)
         kwargs["position_ids"] = position_ids(attention_mask)
     return _head_output(head, lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                             **kwargs))

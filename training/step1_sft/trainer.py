@@ -1,7 +1,6 @@
 """Step 1: the SFT loss, its evaluation, and the training run (the loop skeleton is `chatrlhf.training.loop.fit`)."""
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -18,8 +17,9 @@ def token_losses(engine, batch: dict, fp32: bool) -> tuple[torch.Tensor, torch.T
     """Summed next-token cross-entropy over the labelled tokens of `batch`, and their count."""
     input_ids, attention_mask = batch["input_ids"].to(engine.device), batch["attention_mask"].to(engine.device)
     labels = batch["labels"].to(engine.device)[:, 1:]
-    packed = _packed_logits(engine, input_ids, attention_mask, labels)
-    if packed is not None:  # (K, V) logits of the labelled positions only
+    # Padding-free where it applies, the head on the labelled positions only (position t predicts token t + 1).
+    packed = packing.logits_at(engine, unwrap(engine), input_ids, attention_mask, F.pad(labels != -100, (0, 1)))
+    if packed is not None:  # (K, V)
         logits, labels = packed, labels[labels != -100]
     else:
         logits = engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
@@ -28,18 +28,6 @@ def token_losses(engine, batch: dict, fp32: bool) -> tuple[torch.Tensor, torch.T
     loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
                                reduction="sum")
     return loss_sum, (labels != -100).sum()
-
-
-def _packed_logits(engine, input_ids, attention_mask, labels) -> torch.Tensor | None:
-    """(K, V) logits at the K positions whose next token is labelled, from a padding-free forward that runs the
-    head on those positions only (`chatrlhf.training.packing`); None where packing does not apply."""
-    hf = unwrap(engine)
-    packed = packing.maybe_pack(hf, input_ids, attention_mask)
-    if packed is None or "logits_to_keep" not in inspect.signature(hf.forward).parameters:
-        return None
-    keep = packed.positions(F.pad(labels != -100, (0, 1)))  # position t predicts token t + 1
-    out = packing.call(engine, hf, packed, logits_to_keep=keep)
-    return None if out is None else out.logits[0]
 
 
 def sft_loss(engine, batch: dict, fp32: bool = False) -> tuple[torch.Tensor, dict]:

@@ -60,11 +60,12 @@ def logits(engine, batch: dict) -> torch.Tensor:
     applies (`chatrlhf.training.packing`): padding positions then get zero logits (the answer mask drops them)."""
     device = engine.device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    packed = packing.maybe_pack(unwrap(engine), ids, mask)
-    out = None if packed is None else packing.call(engine, unwrap(engine), packed)
+    hf = unwrap(engine)
+    packed = packing.maybe_pack(hf, ids, mask)
+    out = None if packed is None else packing.call(engine, hf, packed)
     if out is not None:
         return packed.unpack(out.logits)
-    kwargs = {"position_ids": position_ids(mask)} if accepts_position_ids(unwrap(engine)) else {}
+    kwargs = {"position_ids": position_ids(mask)} if accepts_position_ids(hf) else {}
     return engine(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits
 
 

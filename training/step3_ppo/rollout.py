@@ -120,18 +120,11 @@ def _response_logits(model, sequences, attention_mask, prompt_len: int) -> torch
 def _packed_response_logits(model, sequences, attention_mask, R: int) -> torch.Tensor | None:
     """(B, R, V) logits from a padding-free forward (`chatrlhf.training.packing`), zeros where the response token
     is padding (it does not count); None where packing does not apply."""
-    hf = unwrap(model)
-    packed = packing.maybe_pack(hf, sequences, attention_mask)
-    if packed is None:
-        return None
     counted = attention_mask[:, -R:].bool()  # (B, R)
     predicting = torch.nn.functional.pad(counted, (attention_mask.size(1) - R - 1, 1))  # (B, T): the positions before
-    keep = packed.positions(predicting)
-    takes_keep = "logits_to_keep" in inspect.signature(hf.forward).parameters
-    out = packing.call(model, hf, packed, **({"logits_to_keep": keep} if takes_keep else {}))
-    if out is None:
+    logits = packing.logits_at(model, unwrap(model), sequences, attention_mask, predicting)
+    if logits is None:
         return None
-    logits = out.logits[0] if takes_keep else out.logits[0, keep]
     return logits.new_zeros(counted.shape + logits.shape[-1:]).index_put((counted,), logits)
 
 
